@@ -1,0 +1,39 @@
+"""Minimal Chainlit app used by chatgate's demo and end-to-end tests.
+
+Every user message gets a reply derived from its text, streamed token by token
+with `Message.stream_token`, so a client sees `stream_start` / `stream_token`
+events travel through the proxy rather than one finished message.
+
+Run it (from this directory, in a venv with requirements.txt installed):
+
+    chainlit run app.py --host 127.0.0.1 --port 8080 --headless
+"""
+
+import asyncio
+
+import chainlit as cl
+
+# Pause between tokens: long enough that the stream is visibly incremental,
+# short enough that a test round trip stays well under a second.
+TOKEN_DELAY_SECONDS = 0.02
+
+
+def reply_tokens(text: str) -> list[str]:
+    """The reply to `text`, split into the tokens it is streamed as.
+
+    The reply is "You said: " followed by the text upper-cased and reversed,
+    one word per token (each but the last keeps its trailing space), so the
+    concatenated tokens are exactly the reply and a test can compute it.
+    """
+    reply = "You said: " + text.upper()[::-1]
+    words = reply.split(" ")
+    return [w + " " for w in words[:-1]] + [words[-1]]
+
+
+@cl.on_message
+async def on_message(message: cl.Message) -> None:
+    msg = cl.Message(content="")
+    for token in reply_tokens(message.content):
+        await msg.stream_token(token)
+        await asyncio.sleep(TOKEN_DELAY_SECONDS)
+    await msg.send()
