@@ -11,7 +11,8 @@
 //
 // Prints one `PASS name` / `FAIL name: why` / `SKIP name: why` line per test.
 
-import { execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -82,7 +83,7 @@ function recordPage(page) {
     rec.sockets.push(entry);
     ws.on('framesent', (f) => entry.sent.push(String(f.payload)));
     ws.on('framereceived', (f) => entry.received.push(String(f.payload)));
-    ws.on('close', () => { entry.closed = true; });
+    ws.on('close', () => { entry.closed = true; entry.closedAt = Date.now(); });
   });
 }
 
@@ -279,13 +280,21 @@ async function main() {
       if (!BACKEND_CTL) return { skip: 'E2E_BACKEND_CTL not set' };
       // A live session first (the /chat test navigated; make sure it's up).
       await waitForLiveSocket(0, 20000);
+      const before = await waitForLiveSocket(0, 1000);
       await sendAndAwaitReply(page, 'before the restart');
       quiet = true; // errors while the backend is down are expected
       const restartAt = Date.now();
-      execFileSync(BACKEND_CTL, ['restart'], { stdio: ['ignore', 'inherit', 'inherit'], timeout: 90000 });
+      // Asynchronously, so the page's events keep being recorded meanwhile.
+      const ctl = await promisify(execFile)(BACKEND_CTL, ['restart'], { timeout: 90000 });
+      process.stderr.write(ctl.stderr);
       const backAt = Date.now();
+      // When the backend goes away its WebSocket must close on the browser's
+      // side too, promptly: a relay left half-open would only be noticed at
+      // Engine.IO's ping timeout (25 s + 20 s).
+      await until('the old WebSocket to close', () => before.closed, Math.max(1000, restartAt + 15000 - Date.now()));
+      const closedAfter = before.closedAt - restartAt;
       // The UI reconnects by itself (socket.io-client backoff, <= ~5 s).
-      const socket = await waitForLiveSocket(restartAt, 45000);
+      const socket = await waitForLiveSocket(restartAt, 20000);
       const status = await until('the handshake status', () => handshakeStatus(socket.url), 5000);
       check(status === 101, `reconnect handshake answered ${status}`);
       quiet = false;
@@ -296,7 +305,20 @@ async function main() {
       check(socket.sent.slice(sentBefore).some((f) => f.includes('"client_message"')),
         'the message after the restart did not travel on the new WebSocket');
       await page.screenshot({ path: join(OUT, 'browser-after-restart.png') });
-      return `backend restarted in ${backAt - restartAt} ms, reconnected ${Date.now() - backAt} ms later, "${want}" shown`;
+      return `backend restarted in ${backAt - restartAt} ms, old socket closed at +${closedAfter} ms, ` +
+        `new one live ${socket.createdAt - backAt} ms after the backend was back, "${want}" shown`;
+    });
+
+    await test('browser_no_errors_outside_the_restart_window', async () => {
+      await page.waitForTimeout(500);
+      const problems = [
+        ...rec.badResponses.map((s) => `response ${s}`),
+        ...rec.failedRequests.map((s) => `failed ${s}`),
+        ...rec.consoleErrors.map((s) => `console ${s}`),
+        ...rec.pageErrors.map((s) => `pageerror ${s}`),
+      ];
+      check(problems.length === 0, problems.join('; '));
+      return `${rec.sockets.length} WebSocket(s) over the session`;
     });
   } catch (err) {
     failedToRun = true;

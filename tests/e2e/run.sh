@@ -133,10 +133,11 @@ install_system_packages() {
     local sudo=()
     [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
     say "installing with apt: ${need[*]}"
-    "${sudo[@]}" apt-get update -q >"$STATE/apt.log" 2>&1 &&
+    if ! { "${sudo[@]}" apt-get update -q &&
         DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends \
-            "${need[@]}" >>"$STATE/apt.log" 2>&1 ||
+            "${need[@]}"; } >"$STATE/apt.log" 2>&1; then
         abort "apt-get install ${need[*]} failed (see target/e2e/run/apt.log)"
+    fi
 }
 
 stamp_of() { cat "$@" | sha256sum | cut -c1-16; }

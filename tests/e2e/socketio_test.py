@@ -2,7 +2,7 @@
 through chatgate the way Chainlit's own frontend does.
 
 What the frontend does, read off chainlit 2.12.0 (frontend bundle and
-chainlit/socket.py): it connects to `{origin}/ws/socket.io` with
+chainlit/socket.py): it POSTs `/set-session-cookie`, connects to `{origin}/ws/socket.io` with
 `auth={clientType, sessionId, threadId, userEnv, chatProfile}`, polling first
 and then upgrading to WebSocket (Engine.IO v4), emits `connection_successful`
 and `fetch_favorites` once connected, and sends a user message as the event
@@ -23,6 +23,7 @@ import time
 import traceback
 import uuid
 
+import requests
 import socketio
 
 # The reply examples/chainlit/app.py streams back (same rule, kept in sync).
@@ -65,8 +66,14 @@ class ChatClient:
         eio_logger.addHandler(self.packets)
         # reconnection=False: a dropped connection must fail the test, not be
         # silently replaced by a fresh one.
+        # One HTTP session for the sticky-session cookie and the polling
+        # requests, as the browser's cookie jar would be.
+        self.http = requests.Session()
         self.sio = socketio.Client(
-            reconnection=False, engineio_logger=eio_logger, request_timeout=10
+            reconnection=False,
+            engineio_logger=eio_logger,
+            request_timeout=10,
+            http_session=self.http,
         )
         self.session_id = str(uuid.uuid4())
         self.events: list[tuple[float, str, object]] = []
@@ -86,6 +93,16 @@ class ChatClient:
             self.cond.notify_all()
 
     def connect(self):
+        # The frontend asks for the affinity cookie before opening the socket.
+        r = self.http.post(
+            self.url + "/set-session-cookie",
+            json={"session_id": self.session_id},
+            timeout=10,
+        )
+        assert r.status_code == 200, f"POST /set-session-cookie -> {r.status_code}"
+        assert self.http.cookies.get("X-Chainlit-Session-id") == self.session_id, (
+            f"no X-Chainlit-Session-id cookie (Set-Cookie: {r.headers.get('set-cookie')!r})"
+        )
         self.sio.connect(
             self.url,
             socketio_path=SOCKETIO_PATH,
