@@ -1,1 +1,73 @@
-fn main() {}
+//! The `chatgate` binary: parse configuration, set up logging, run the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chatgate::config::{Cli, Command, Config};
+
+fn main() -> ExitCode {
+    let cli = match Cli::parse_with(std::env::args_os(), |name| std::env::var(name).ok()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print and exit 0; a usage error exits 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let config = match Config::from_settings(&cli.settings) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("chatgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("chatgate: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Some(Command::CheckConfig) => {
+            print!("{}", config.describe());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Healthcheck) => {
+            match runtime.block_on(chatgate::healthcheck::check(
+                config.listen,
+                Duration::from_secs(3),
+            )) {
+                Ok(200) => ExitCode::SUCCESS,
+                Ok(status) => {
+                    eprintln!("chatgate healthcheck: /monitor/health answered {status}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("chatgate healthcheck: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        None => runtime.block_on(serve(config)),
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "chatgate: cannot listen on --listen / CHATGATE_LISTEN {}: {e}",
+                config.listen
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let _log_guard = chatgate::telemetry::init(config.log_format);
+    chatgate::server::run(config, listener, chatgate::shutdown::terminate()).await;
+    ExitCode::SUCCESS
+}

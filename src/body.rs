@@ -1,0 +1,249 @@
+//! Body types: one response body for everything chatgate answers (small fixed bodies or a
+//! backend's streamed body), and the watched stream that enforces an idle timeout, signals
+//! its end, and counts bytes for the access log. Frames pass through one by one: nothing is
+//! buffered whole.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use crate::telemetry::AccessLog;
+
+/// Why a body stream ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error("body idle for {0:?}")]
+    IdleTimeout(Duration),
+}
+
+/// A streamed body with an idle timeout: no frame for `idle_timeout` ends it with an error
+/// (never a total timeout: a long download that keeps moving is fine). `Unpin`, as the
+/// pooled client requires of request bodies.
+pub struct Watched {
+    inner: Incoming,
+    // Armed only once the stream first has to wait: a body that arrives at once never
+    // touches the timer.
+    idle: Option<Pin<Box<Sleep>>>,
+    idle_timeout: Duration,
+    last_frame: Instant,
+    // Fires once the stream has ended (the request fully sent).
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Watched {
+    pub fn new(inner: Incoming, idle_timeout: Duration) -> Self {
+        Watched {
+            inner,
+            idle: None,
+            idle_timeout,
+            last_frame: Instant::now(),
+            done: None,
+        }
+    }
+
+    /// Like [`Watched::new`], and the returned receiver resolves when the body has ended.
+    pub fn with_end_signal(
+        inner: Incoming,
+        idle_timeout: Duration,
+    ) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut body = Watched::new(inner, idle_timeout);
+        body.done = Some(tx);
+        (body, rx)
+    }
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.last_frame = Instant::now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                if let Some(done) = this.done.take() {
+                    let _ = done.send(());
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                // The timer is re-armed lazily, only when it fires: resetting it on every
+                // frame would touch the timer wheel (and its lock) per frame.
+                let deadline = this.last_frame + this.idle_timeout;
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                loop {
+                    ready!(idle.as_mut().poll(cx));
+                    let deadline = this.last_frame + this.idle_timeout;
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(Some(Err(BodyError::IdleTimeout(this.idle_timeout))));
+                    }
+                    idle.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind {
+        Full { data: Option<Bytes> },
+        Stream { body: Watched },
+    }
+}
+
+pin_project! {
+    /// Every response chatgate sends. Carries the request's access log, written when the
+    /// body is done or dropped (a client that went away still gets its line).
+    pub struct ProxyBody {
+        #[pin]
+        kind: Kind,
+        log: Option<AccessLog>,
+    }
+}
+
+impl ProxyBody {
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data: Bytes = data.into();
+        ProxyBody {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+            log: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody {
+            kind: Kind::Full { data: None },
+            log: None,
+        }
+    }
+
+    pub fn stream(body: Watched) -> Self {
+        ProxyBody {
+            kind: Kind::Stream { body },
+            log: None,
+        }
+    }
+
+    pub fn set_log(&mut self, mut log: AccessLog) {
+        // An empty body is never polled: it is complete as soon as the head is sent.
+        log.completed |= self.is_end_stream();
+        self.log = Some(log);
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        let (polled, ended) = match this.kind.project() {
+            KindProj::Full { data } => (Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))), true),
+            KindProj::Stream { body } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                (polled, body.is_end_stream())
+            }
+        };
+        if let Some(log) = this.log.as_mut() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    log.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    // hyper stops polling a body once its known length has been sent.
+                    log.completed |= ended;
+                }
+                Poll::Ready(Some(Err(e))) => log.note_error(e.to_string()),
+                Poll::Ready(None) => log.completed = true,
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Stream { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Stream { body } => body.size_hint(),
+        }
+    }
+}
+
+pin_project! {
+    /// A request body on its way to the backend: nothing at all (most requests, and the
+    /// only kind that can be resent on a fresh connection), or the client's stream.
+    #[project = RequestBodyProj]
+    pub enum RequestBody {
+        Empty,
+        Stream { body: Watched },
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.project() {
+            RequestBodyProj::Empty => Poll::Ready(None),
+            RequestBodyProj::Stream { body } => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Stream { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Stream { body } => body.size_hint(),
+        }
+    }
+}

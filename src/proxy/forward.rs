@@ -1,0 +1,248 @@
+//! The streaming HTTP forwarder: one client request to the backend and its response back,
+//! bodies streamed frame by frame both ways, no redirect followed.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::body::{ProxyBody, RequestBody, Watched};
+use crate::error::ProxyError;
+use crate::gateway::{Gateway, RequestContext};
+use crate::proxy::client::{classify, is_refused};
+use crate::proxy::headers::{X_REQUEST_ID, set_forwarded, strip_hop_by_hop};
+
+/// Rewrites the request head for the backend: its URI, hop-by-hop headers, forwarded
+/// headers, request id and Host.
+pub fn backend_request_head(
+    gw: &Gateway,
+    parts: &mut Parts,
+    ctx: &RequestContext,
+    path_and_query: Option<PathAndQuery>,
+) -> Result<(), ProxyError> {
+    let path_and_query = match path_and_query {
+        Some(pq) => pq,
+        None => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    };
+    let backend = &gw.config.backend;
+    parts.uri = Uri::builder()
+        .scheme(backend.scheme.clone())
+        .authority(backend.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+    parts.version = http::Version::HTTP_11;
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    set_forwarded(headers, ctx.peer, ctx.trusted_peer);
+    headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    if let Some(host) = &gw.config.backend_host {
+        headers.insert(header::HOST, host.clone());
+    } else if !headers.contains_key(header::HOST) {
+        if let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+    Ok(())
+}
+
+/// Whether a request may be sent again after a connection failed before any response byte:
+/// an idempotent method (RFC 9110 §9.2.2) without a body.
+fn is_retryable(method: &Method, body: &RequestBody) -> bool {
+    matches!(body, RequestBody::Empty)
+        && matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        )
+}
+
+/// Forwards `req` to the backend and returns its response with a streamed body.
+pub async fn forward(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    ctx: &RequestContext,
+    path_and_query: Option<PathAndQuery>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (mut parts, incoming) = req.into_parts();
+    backend_request_head(gw, &mut parts, ctx, path_and_query)?;
+    let idle = gw.config.body_idle_timeout;
+    let (body, body_sent) = if incoming.is_end_stream() {
+        (RequestBody::Empty, None)
+    } else {
+        let (body, sent) = Watched::with_end_signal(incoming, idle);
+        (RequestBody::Stream { body }, Some(sent))
+    };
+    // A bodyless idempotent request keeps a copy of its head, so that a pooled connection
+    // the backend closed at the wrong moment never surfaces as an error.
+    let retry_head = is_retryable(&parts.method, &body).then(|| {
+        let mut copy = Request::new(());
+        *copy.method_mut() = parts.method.clone();
+        *copy.uri_mut() = parts.uri.clone();
+        *copy.headers_mut() = parts.headers.clone();
+        copy
+    });
+    let deadline = gw.config.backend_wait.map(|wait| Instant::now() + wait);
+
+    let mut result = send(gw, Request::from_parts(parts, body), body_sent).await;
+    if let Some(head) = retry_head {
+        let mut retried = false;
+        loop {
+            match &result {
+                // --backend-wait: hold the request while the backend starts.
+                Err(e) if is_refused_send(e) => match deadline {
+                    Some(deadline) if wait_for_backend(gw, deadline).await => {}
+                    _ => break,
+                },
+                Err(e) if !retried && !e.is_connect() => {
+                    retried = true;
+                    tracing::debug!(error = %e, "retrying on a fresh connection");
+                }
+                _ => break,
+            }
+            result = send(gw, resend(&head), None).await;
+        }
+    }
+    let response = result.map_err(|e| classify_send(&e))?;
+    let (mut parts, incoming) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::CONTENT_TYPE) && parts.status.is_success() {
+        if let Some(mime) = guess_content_type(ctx.path()) {
+            parts
+                .headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+        }
+    }
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::stream(Watched::new(incoming, idle)),
+    ))
+}
+
+fn resend(head: &Request<()>) -> Request<RequestBody> {
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = head.method().clone();
+    *req.uri_mut() = head.uri().clone();
+    *req.headers_mut() = head.headers().clone();
+    req
+}
+
+/// Waits until the probe says the backend is up, or `deadline`; true if it came up.
+async fn wait_for_backend(gw: &Gateway, deadline: Instant) -> bool {
+    let mut up = gw.backend.subscribe();
+    // Re-check often even without a probe verdict: the backend may be up before the probe.
+    let poll = Duration::from_millis(250);
+    let until = (Instant::now() + poll).min(deadline);
+    let _ = tokio::time::timeout_at(until, up.wait_for(|up| *up)).await;
+    Instant::now() < deadline
+}
+
+/// Sends one request. The response-header timeout starts once the request body has been
+/// sent: an upload may take as long as it keeps moving.
+async fn send(
+    gw: &Gateway,
+    req: Request<RequestBody>,
+    body_sent: Option<oneshot::Receiver<()>>,
+) -> Result<Response<Incoming>, SendError> {
+    let timeout = gw.config.response_timeout;
+    let response = gw.client.request(req);
+    tokio::pin!(response);
+    if let Some(sent) = body_sent {
+        tokio::select! {
+            result = &mut response => return result.map_err(SendError::Client),
+            _ = sent => {}
+        }
+    }
+    match tokio::time::timeout(timeout, response).await {
+        Ok(result) => result.map_err(SendError::Client),
+        Err(_) => Err(SendError::Timeout(timeout)),
+    }
+}
+
+/// A failed send: the client's error, or no response headers in time.
+#[derive(Debug)]
+pub enum SendError {
+    Client(hyper_util::client::legacy::Error),
+    Timeout(Duration),
+}
+
+impl SendError {
+    fn is_connect(&self) -> bool {
+        match self {
+            SendError::Client(e) => e.is_connect(),
+            SendError::Timeout(_) => true, // never retried: the backend may be working on it
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Client(e) => f.write_str(&crate::proxy::client::chain(e)),
+            SendError::Timeout(t) => write!(f, "no response headers within {t:?}"),
+        }
+    }
+}
+
+fn is_refused_send(err: &SendError) -> bool {
+    matches!(err, SendError::Client(e) if is_refused(e))
+}
+
+fn classify_send(err: &SendError) -> ProxyError {
+    match err {
+        SendError::Client(e) => classify(e),
+        SendError::Timeout(t) => ProxyError::BackendTimeout(*t),
+    }
+}
+
+/// A `Content-Type` for a static asset that came back without one, from its extension.
+pub fn guess_content_type(path: &str) -> Option<&'static str> {
+    let file = path.rsplit('/').next()?;
+    if !file.contains('.') {
+        return None;
+    }
+    mime_guess::from_path(file).first_raw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_come_from_extensions() {
+        assert_eq!(
+            guess_content_type("/assets/index-abc.js"),
+            Some("text/javascript")
+        );
+        assert_eq!(guess_content_type("/assets/index.css"), Some("text/css"));
+        assert_eq!(
+            guess_content_type("/public/logo.svg"),
+            Some("image/svg+xml")
+        );
+        assert_eq!(guess_content_type("/project/settings"), None);
+        assert_eq!(guess_content_type("/"), None);
+        assert_eq!(guess_content_type("/a.b/c"), None);
+    }
+
+    #[test]
+    fn only_bodyless_idempotent_requests_are_retried() {
+        assert!(is_retryable(&Method::GET, &RequestBody::Empty));
+        assert!(is_retryable(&Method::DELETE, &RequestBody::Empty));
+        assert!(!is_retryable(&Method::POST, &RequestBody::Empty));
+        assert!(!is_retryable(&Method::PATCH, &RequestBody::Empty));
+    }
+}

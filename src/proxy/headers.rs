@@ -1,0 +1,331 @@
+//! Header rewriting, as pure functions: hop-by-hop stripping, `X-Forwarded-*`, request ids.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop fields, RFC 9110 §7.6.1: "Intermediaries MUST parse a received
+/// Connection header field before a message is forwarded and, for each connection-option in
+/// this field, remove any header or trailer field(s) from the message with the same name as
+/// the connection-option, and then remove the Connection header field itself", plus the
+/// fields that are hop-by-hop by definition (Keep-Alive, TE, Trailer, Transfer-Encoding,
+/// Upgrade, Proxy-Authorization, Proxy-Connection).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        // Collect first: the names borrow from the map we are about to change.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &PROXY_CONNECTION,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Whether a `Connection`-style header names `token` (comma-separated, case-insensitive).
+pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether `addr` falls in one of the trusted proxy networks.
+pub fn is_trusted(addr: IpAddr, trusted: &[IpNet]) -> bool {
+    let addr = canonical(addr);
+    trusted.iter().any(|net| net.contains(&addr))
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, what a dual-stack listener reports) is
+/// the IPv4 address it carries.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// The client's address: the peer itself, unless the peer is a trusted proxy, in which case
+/// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its
+/// left were written by parties we cannot vouch for).
+pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    if !is_trusted(peer, trusted) {
+        return canonical(peer);
+    }
+    let mut client = canonical(peer);
+    // Header lines come first to last; the walk goes right to left across all of them.
+    let lines: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    for line in lines.iter().rev() {
+        for entry in line.rsplit(',') {
+            match parse_forwarded_ip(entry) {
+                Some(addr) => {
+                    client = addr;
+                    if !is_trusted(addr, trusted) {
+                        return client;
+                    }
+                }
+                // An unparsable entry ends the chain of trust: stop at what we have.
+                None => return client,
+            }
+        }
+    }
+    client
+}
+
+/// Parses one `X-Forwarded-For` entry: `1.2.3.4`, `1.2.3.4:5678`, `::1`, `[::1]:80`.
+pub fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    if let Ok(addr) = entry.parse::<IpAddr>() {
+        return Some(canonical(addr));
+    }
+    if let Ok(sock) = entry.parse::<std::net::SocketAddr>() {
+        return Some(canonical(sock.ip()));
+    }
+    let inner = entry.strip_prefix('[')?.split(']').next()?;
+    inner.parse::<IpAddr>().ok().map(canonical)
+}
+
+/// Sets `X-Forwarded-For`, `-Proto` and `-Host` on a request bound for the backend.
+///
+/// From a trusted proxy, its `X-Forwarded-For` is appended to and its `-Proto`/`-Host` kept;
+/// from anyone else all three are overwritten with what chatgate itself saw, so a client
+/// cannot spoof its address or make the backend believe it was reached over https.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) {
+    let peer = canonical(peer);
+    let peer_text = peer.to_string();
+    if trusted_peer {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let joined = if prior.is_empty() {
+            peer_text
+        } else {
+            format!("{}, {peer_text}", prior.join(", "))
+        };
+        set(headers, &X_FORWARDED_FOR, &joined);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            copy_host(headers);
+        }
+    } else {
+        set(headers, &X_FORWARDED_FOR, &peer_text);
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.remove(&X_FORWARDED_HOST);
+        copy_host(headers);
+    }
+}
+
+fn copy_host(headers: &mut HeaderMap) {
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Longest client-supplied request id that is kept.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A client's `X-Request-Id` is kept when it is a sane token: 1 to 128 visible ASCII bytes.
+pub fn is_sane_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    (1..=MAX_REQUEST_ID_LEN).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A fresh request id: 16 hex digits from a fast non-cryptographic generator (ids correlate
+/// log lines; they are not secrets).
+pub fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; 16];
+    let mut n = fastrand::u64(..);
+    for slot in buf.iter_mut().rev() {
+        *slot = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn nets(s: &str) -> Vec<IpNet> {
+        crate::config::parse_trusted_proxies(s).unwrap()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_options_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("connection", "close"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-connection", "keep-alive"),
+            ("cookie", "a=b"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "cookie"]);
+    }
+
+    #[test]
+    fn connection_tokens_match_case_insensitively() {
+        let h = map(&[("connection", "keep-alive, Upgrade")]);
+        assert!(has_token(&h, &header::CONNECTION, "upgrade"));
+        assert!(!has_token(&h, &header::CONNECTION, "close"));
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof_forwarded_headers() {
+        let mut h = map(&[
+            ("host", "chat.example"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+        ]);
+        set_forwarded(&mut h, "203.0.113.9".parse().unwrap(), false);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "chat.example");
+    }
+
+    #[test]
+    fn trusted_peer_forwarded_headers_are_appended_and_kept() {
+        let mut h = map(&[
+            ("host", "internal:8000"),
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-for", "10.0.0.3"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "chat.example"),
+        ]);
+        set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true);
+        assert_eq!(h["x-forwarded-for"], "198.51.100.7, 10.0.0.3, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "chat.example");
+    }
+
+    #[test]
+    fn client_address_walks_forwarded_for_from_the_right() {
+        let trusted = nets("10.0.0.0/8");
+        let h = map(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2, 10.0.0.5")]);
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            client_addr(peer, &h, &trusted),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+        // An untrusted peer's header is ignored.
+        let outsider: IpAddr = "9.9.9.9".parse().unwrap();
+        assert_eq!(client_addr(outsider, &h, &trusted), outsider);
+        // Garbage stops the walk at the last trusted hop.
+        let g = map(&[("x-forwarded-for", "1.1.1.1, junk, 10.0.0.5")]);
+        assert_eq!(
+            client_addr(peer, &g, &trusted),
+            "10.0.0.5".parse::<IpAddr>().unwrap()
+        );
+        // No header: the peer.
+        assert_eq!(client_addr(peer, &HeaderMap::new(), &trusted), peer);
+    }
+
+    #[test]
+    fn forwarded_entries_parse_with_ports_and_brackets() {
+        for (entry, want) in [
+            ("1.2.3.4", Some("1.2.3.4")),
+            (" 1.2.3.4:80 ", Some("1.2.3.4")),
+            ("::1", Some("::1")),
+            ("[2001:db8::1]:443", Some("2001:db8::1")),
+            ("[2001:db8::1]", Some("2001:db8::1")),
+            ("::ffff:10.1.2.3", Some("10.1.2.3")),
+            ("unknown", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                parse_forwarded_ip(entry),
+                want.map(|w| w.parse().unwrap()),
+                "{entry:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mapped_ipv4_peers_match_ipv4_networks() {
+        assert!(is_trusted(
+            "::ffff:10.0.0.1".parse().unwrap(),
+            &nets("10.0.0.0/8")
+        ));
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_sane() {
+        assert!(is_sane_request_id(&HeaderValue::from_static(
+            "abc-123_XYZ.9"
+        )));
+        assert!(!is_sane_request_id(&HeaderValue::from_static("")));
+        assert!(!is_sane_request_id(&HeaderValue::from_static("has space")));
+        assert!(!is_sane_request_id(
+            &HeaderValue::from_str(&"a".repeat(129)).unwrap()
+        ));
+        let id = new_request_id();
+        assert!(is_sane_request_id(&id));
+        assert_eq!(id.len(), 16);
+    }
+}
