@@ -26,8 +26,9 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /build/recipe.json recipe.json
-# Rebuilt only when Cargo.toml/Cargo.lock change.
-RUN cargo chef cook --release --locked --recipe-path recipe.json
+# Rebuilt only when the manifests or Cargo.lock change. Same flags as the build below, so only
+# chatgate's dependencies are cooked, not the workspace's bench harness.
+RUN cargo chef cook --release --locked --bin chatgate --recipe-path recipe.json
 COPY . .
 RUN cargo build --release --locked --bin chatgate \
     && ./target/release/chatgate --help > /dev/null
@@ -81,9 +82,10 @@ RUN sed -i 's/\r$//' /usr/local/bin/entrypoint.sh \
     && chmod 0755 /usr/local/bin/entrypoint.sh /usr/local/bin/chatgate
 
 WORKDIR /app
-# Chainlit treats its app directory as a workspace: it writes .chainlit/ (config.toml,
-# translations), .files/ (uploads) and chainlit.md there on start. The directory and those paths
-# belong to the app user; nothing else at run time needs to be writable.
+# Chainlit treats its app directory as a workspace: on start it writes .chainlit/ (config.toml,
+# translations), chainlit.md and .files/ (uploads) there, and deletes .files/ on shutdown, so the
+# directory itself must be writable, not only those paths. All of it belongs to the app user;
+# nothing else at run time needs to be writable.
 COPY --chown=app:app ${APP_DIR}/ /app/
 RUN mkdir -p /app/.chainlit /app/.files \
     && chown app:app /app /app/.chainlit /app/.files

@@ -1,7 +1,8 @@
 """Fixtures for the ship tests: free loopback ports, the stand-in backend, chatgate, and the
 real entrypoint.sh, each started here and stopped by PID at the end of its test.
 
-The chatgate under test is target/debug/chatgate (run.sh builds it), or CHATGATE_UNDER_TEST.
+The chatgate under test is target/debug/chatgate (run.sh builds it), or CHATGATE_UNDER_TEST
+(e.g. target/release/chatgate).
 Every process a test starts carries SHIP_TEST_TOKEN=<unique> in its environment, which its
 children inherit: that is how the tests find leftovers (orphans) after the script is gone.
 """

@@ -205,3 +205,23 @@ def test_sigint_is_an_ordered_stop_too(scenario: Scenario) -> None:
     assert "received SIGINT" in out
     assert out.index("stopping chatgate") < out.index("stopping backend"), out
     scenario.assert_nothing_left()
+
+
+def test_tcp_check_is_used_when_there_is_no_health_url(scenario: Scenario) -> None:
+    scenario.backend("--start-delay", "1")
+    scenario.run(BACKEND_HEALTH_URL="")
+    assert scenario.serving(), scenario.output()
+    out = scenario.output()
+    assert f"backend answers at tcp://127.0.0.1:{scenario.backend_port}" in out, out
+    scenario.started.proc.send_signal(signal.SIGTERM)
+    assert scenario.wait(30) == 0, scenario.output()
+    scenario.assert_nothing_left()
+
+
+def test_invalid_wait_setting_is_rejected_before_anything_starts(scenario: Scenario) -> None:
+    scenario.backend()
+    scenario.run(BACKEND_WAIT_ATTEMPTS="many")
+    assert scenario.wait(10) == 2
+    assert "BACKEND_WAIT_ATTEMPTS must be a positive integer" in scenario.output()
+    assert scenario.events.first("listening") is None
+    scenario.assert_nothing_left()
