@@ -151,7 +151,9 @@ pub struct Settings {
         global = true
     )]
     pub backend_wait: String,
-    /// Seconds a client has to send a request's headers (slowloris guard).
+    /// Seconds a client has to send a request's headers (slowloris guard). An idle
+    /// keep-alive connection is closed after this long too: waiting for the next request's
+    /// headers is the same wait.
     #[arg(
         long,
         env = "CHATGATE_HEADER_READ_TIMEOUT",
@@ -175,14 +177,6 @@ pub struct Settings {
         global = true
     )]
     pub max_headers: String,
-    /// Seconds before a client's idle keep-alive connection is closed.
-    #[arg(
-        long,
-        env = "CHATGATE_CLIENT_IDLE_TIMEOUT",
-        default_value = "75",
-        global = true
-    )]
-    pub client_idle_timeout: String,
     /// Largest WebSocket message in bytes (close 1009 beyond it).
     #[arg(
         long,
@@ -322,7 +316,6 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
-    pub client_idle_timeout: Duration,
     pub ws_max_message: usize,
     pub ws_max_frame: usize,
     pub ws_ping_interval: Duration,
@@ -566,7 +559,6 @@ impl Config {
             header_read_timeout: positive_seconds("header-read-timeout", &s.header_read_timeout)?,
             max_header_bytes: count("max-header-bytes", &s.max_header_bytes, 1024, 1 << 20)?,
             max_headers: count("max-headers", &s.max_headers, 8, 1000)?,
-            client_idle_timeout: positive_seconds("client-idle-timeout", &s.client_idle_timeout)?,
             ws_max_message: count("ws-max-message", &s.ws_max_message, 1024, 1 << 30)?,
             ws_max_frame: count("ws-max-frame", &s.ws_max_frame, 1024, 1 << 30)?,
             ws_ping_interval: positive_seconds("ws-ping-interval", &s.ws_ping_interval)?,
@@ -629,10 +621,6 @@ impl Config {
             ),
             ("max_header_bytes", self.max_header_bytes.to_string()),
             ("max_headers", self.max_headers.to_string()),
-            (
-                "client_idle_timeout",
-                format!("{:?}", self.client_idle_timeout),
-            ),
             ("ws_max_message", self.ws_max_message.to_string()),
             ("ws_max_frame", self.ws_max_frame.to_string()),
             ("ws_ping_interval", format!("{:?}", self.ws_ping_interval)),

@@ -119,6 +119,8 @@ pub async fn forward(
     }
     let response = result.map_err(|e| classify_send(&e))?;
     let (mut parts, incoming) = response.into_parts();
+    // An HTTP/1.0 backend must not make the client's connection HTTP/1.0 (and closed).
+    parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::CONTENT_TYPE) && parts.status.is_success() {
         if let Some(mime) = guess_content_type(ctx.path()) {
