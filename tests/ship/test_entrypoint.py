@@ -99,6 +99,9 @@ def test_backend_answers_before_chatgate_starts_listening(scenario: Scenario) ->
     assert "waiting for backend" in out
     assert out.index("backend answers") < out.index("starting chatgate")
 
+    # Stop only once chatgate serves: a SIGTERM in the first milliseconds after it starts
+    # accepting hits a chatgate bug (see test_probe_paths.py), which is not this test's subject.
+    assert scenario.serving(), scenario.output()
     scenario.started.proc.send_signal(signal.SIGTERM)
     assert scenario.wait(30) == 0, scenario.output()
     scenario.assert_nothing_left()
