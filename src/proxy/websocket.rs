@@ -559,11 +559,11 @@ where
         }
         Event::Client(end) => {
             stats.closed_by = "client";
-            finish(end, &mut client, &mut backend, &mut b2c, &mut stats).await;
+            finish(end, &mut client, &mut backend, &mut stats).await;
         }
         Event::Backend(end) => {
             stats.closed_by = "backend";
-            finish(end, &mut backend, &mut client, &mut c2b, &mut stats).await;
+            finish(end, &mut backend, &mut client, &mut stats).await;
         }
     }
     stats.client_to_backend = c2b;
@@ -571,13 +571,12 @@ where
     stats
 }
 
-/// Ends a relay after `from` stopped: its close travels to `to` (and `to`'s answer back),
-/// or, when `from` failed, each side gets the code it earned. Bounded by `CLOSE_TIMEOUT`.
+/// Ends a relay after `from` stopped: `from`'s close is answered and travels to `to`, or,
+/// when `from` failed, each side gets the code it earned. Bounded by `CLOSE_TIMEOUT`.
 async fn finish<F, T>(
     end: End,
     from: &mut WebSocketStream<F>,
     to: &mut WebSocketStream<T>,
-    back: &mut Direction,
     stats: &mut RelayStats,
 ) where
     F: AsyncRead + AsyncWrite + Unpin,
@@ -587,18 +586,14 @@ async fn finish<F, T>(
         match end {
             End::Closed(frame) => {
                 stats.close_code = frame.as_ref().map(|f| u16::from(f.code));
+                // Answer `from` now: tungstenite queued the echo of its Close when reading
+                // it but writes it only on the next flush, and RFC 6455 §5.5.1 wants the
+                // answer "as soon as practical", not when (or if) `to` answers.
+                let _ = from.flush().await;
                 // Relay the close (reserved codes never arrive: tungstenite rejects them).
                 let _ = to.send(Message::Close(frame)).await;
-                // Relay what `to` still says (its close answer included) until it ends.
-                while let Some(Ok(message)) = to.next().await {
-                    if let Message::Text(_) | Message::Binary(_) = message {
-                        back.messages += 1;
-                    }
-                    if from.send(message).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = from.flush().await;
+                // `from` takes nothing after its Close; read `to` until its answer ends it.
+                drain(to).await;
             }
             End::Vanished | End::ReadError(_) => {
                 let code = match &end {
