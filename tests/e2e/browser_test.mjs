@@ -232,12 +232,15 @@ async function main() {
       const cls = await page.evaluate(() => document.documentElement.className);
       await page.screenshot({ path: join(OUT, 'browser-first-load.png') });
       if (DIRECT) return { skip: 'direct mode: the backend, not chatgate, answers /auth/config' };
-      check(rec.authConfig, '/auth/config was not fetched (or not JSON)');
-      check(rec.authConfig.default_theme === 'dark',
-        `/auth/config default_theme is ${JSON.stringify(rec.authConfig.default_theme)}`);
+      const problems = [];
       const classes = cls.split(/\s+/);
-      check(classes.includes('dark') && !classes.includes('light'), `<html class="${cls}">`);
-      return `<html class="${cls}">`;
+      if (!(classes.includes('dark') && !classes.includes('light'))) problems.push(`<html class="${cls}">`);
+      if (!rec.authConfig) problems.push('/auth/config was not fetched (or not JSON)');
+      else if (rec.authConfig.default_theme !== 'dark') {
+        problems.push(`/auth/config default_theme is ${JSON.stringify(rec.authConfig.default_theme)}`);
+      }
+      check(problems.length === 0, problems.join('; '));
+      return `<html class="${cls}">, /auth/config default_theme "dark"`;
     });
 
     await test('browser_message_streams_reply_over_websocket_without_reload', async () => {
