@@ -23,6 +23,8 @@ pub enum BodyError {
     Hyper(#[from] hyper::Error),
     #[error("body idle for {0:?}")]
     IdleTimeout(Duration),
+    #[error("body larger than {0} bytes")]
+    TooLarge(u64),
 }
 
 /// A streamed body with an idle timeout: no frame for `idle_timeout` ends it with an error
@@ -37,6 +39,10 @@ pub struct Watched {
     last_frame: Instant,
     // Fires once the stream has ended (the request fully sent).
     done: Option<oneshot::Sender<()>>,
+    // Request bodies only: the size limit, what has passed, and the bytes metric.
+    limit: u64,
+    seen: u64,
+    counter: Option<metrics::Counter>,
 }
 
 impl Watched {
@@ -47,7 +53,24 @@ impl Watched {
             idle_timeout,
             last_frame: Instant::now(),
             done: None,
+            limit: u64::MAX,
+            seen: 0,
+            counter: None,
         }
+    }
+
+    /// A request body: ends with [`BodyError::TooLarge`] past `limit` bytes, counts its bytes
+    /// into `counter`, and the returned receiver resolves once it has been sent whole.
+    pub fn request(
+        inner: Incoming,
+        idle_timeout: Duration,
+        limit: u64,
+        counter: metrics::Counter,
+    ) -> (Self, oneshot::Receiver<()>) {
+        let (mut body, sent) = Watched::with_end_signal(inner, idle_timeout);
+        body.limit = limit;
+        body.counter = Some(counter);
+        (body, sent)
     }
 
     /// Like [`Watched::new`], and the returned receiver resolves when the body has ended.
@@ -74,6 +97,16 @@ impl Body for Watched {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.last_frame = Instant::now();
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    this.seen += len;
+                    if this.seen > this.limit {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.limit))));
+                    }
+                    if let Some(counter) = &this.counter {
+                        counter.increment(len);
+                    }
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),

@@ -13,6 +13,8 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use http::{HeaderValue, StatusCode, Uri};
 use ipnet::IpNet;
 
+use crate::limits::{Rate, parse_origin, parse_rate};
+
 /// The command line: `chatgate [serve flags]`, `chatgate check-config`, `chatgate healthcheck`.
 #[derive(Debug, Parser)]
 #[command(
@@ -233,6 +235,71 @@ pub struct Settings {
         global = true
     )]
     pub shutdown_grace: String,
+    /// Largest request body in bytes (413 beyond it).
+    #[arg(
+        long,
+        env = "CHATGATE_MAX_BODY_BYTES",
+        default_value = "2147483648",
+        global = true
+    )]
+    pub max_body_bytes: String,
+    /// Most client connections at once; beyond it new ones get a fast 503 and are closed.
+    #[arg(
+        long,
+        env = "CHATGATE_MAX_CONNECTIONS",
+        default_value = "10000",
+        global = true
+    )]
+    pub max_connections: String,
+    /// Per-client rate of ordinary HTTP requests, e.g. 600/minute (off when empty).
+    #[arg(
+        long,
+        env = "CHATGATE_RATE_LIMIT_HTTP",
+        default_value = "",
+        global = true
+    )]
+    pub rate_limit_http: String,
+    /// Per-client rate of WebSocket upgrades, e.g. 10/minute (off when empty).
+    #[arg(
+        long,
+        env = "CHATGATE_RATE_LIMIT_WEBSOCKET",
+        default_value = "",
+        global = true
+    )]
+    pub rate_limit_websocket: String,
+    /// Per-client rate of new Engine.IO sessions (polling handshakes), e.g. 10/minute.
+    #[arg(
+        long,
+        env = "CHATGATE_RATE_LIMIT_ENGINEIO",
+        default_value = "",
+        global = true
+    )]
+    pub rate_limit_engineio: String,
+    /// Comma-separated origins allowed to open Socket.IO sessions and WebSockets
+    /// (e.g. https://chat.example); empty allows any.
+    #[arg(
+        long,
+        env = "CHATGATE_ALLOWED_ORIGINS",
+        default_value = "",
+        global = true
+    )]
+    pub allowed_origins: String,
+    /// on: add Secure, HttpOnly and SameSite=Lax to the backend's cookies where missing.
+    #[arg(
+        long,
+        env = "CHATGATE_HARDEN_COOKIES",
+        default_value = "off",
+        global = true
+    )]
+    pub harden_cookies: String,
+    /// Admin listener for /monitor/metrics (Prometheus) and the health routes; "off" to disable.
+    #[arg(
+        long,
+        env = "CHATGATE_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9100",
+        global = true
+    )]
+    pub admin_listen: String,
     /// Log format: auto (JSON unless stdout is a terminal), json or text. Filter with RUST_LOG.
     #[arg(
         long,
@@ -324,6 +391,14 @@ pub struct Config {
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    pub max_body_bytes: u64,
+    pub max_connections: usize,
+    pub rate_limit_http: Option<Rate>,
+    pub rate_limit_websocket: Option<Rate>,
+    pub rate_limit_engineio: Option<Rate>,
+    pub allowed_origins: Vec<String>,
+    pub harden_cookies: bool,
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// The Chainlit 2.x `/auth/config` answer with login off. The frontend treats login as off
@@ -539,7 +614,46 @@ impl Config {
                 ));
             }
         };
+        let rate = |flag: &str, value: &str| parse_rate(value).map_err(|e| invalid(flag, value, e));
+        let allowed_origins = s
+            .allowed_origins
+            .split(',')
+            .filter(|o| !o.trim().is_empty())
+            .map(|o| parse_origin(o).map_err(|e| invalid("allowed-origins", &s.allowed_origins, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let harden_cookies = match s.harden_cookies.trim() {
+            "on" | "true" | "1" => true,
+            "off" | "false" | "0" | "" => false,
+            _ => {
+                return Err(invalid(
+                    "harden-cookies",
+                    &s.harden_cookies,
+                    "expected on or off",
+                ));
+            }
+        };
+        let admin_listen = match s.admin_listen.trim() {
+            "" | "off" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                invalid("admin-listen", &s.admin_listen, "expected host:port or off")
+            })?),
+        };
+        let max_body_bytes: u64 = s.max_body_bytes.trim().parse().map_err(|_| {
+            invalid(
+                "max-body-bytes",
+                &s.max_body_bytes,
+                "expected a number of bytes",
+            )
+        })?;
         Ok(Config {
+            max_body_bytes,
+            max_connections: count("max-connections", &s.max_connections, 1, 10_000_000)?,
+            rate_limit_http: rate("rate-limit-http", &s.rate_limit_http)?,
+            rate_limit_websocket: rate("rate-limit-websocket", &s.rate_limit_websocket)?,
+            rate_limit_engineio: rate("rate-limit-engineio", &s.rate_limit_engineio)?,
+            allowed_origins,
+            harden_cookies,
+            admin_listen,
             listen,
             backend,
             backend_host,
@@ -635,9 +749,36 @@ impl Config {
                 "log_format",
                 format!("{:?}", self.log_format).to_lowercase(),
             ),
+            ("max_body_bytes", self.max_body_bytes.to_string()),
+            ("max_connections", self.max_connections.to_string()),
+            ("rate_limit_http", describe_rate(self.rate_limit_http)),
+            (
+                "rate_limit_websocket",
+                describe_rate(self.rate_limit_websocket),
+            ),
+            (
+                "rate_limit_engineio",
+                describe_rate(self.rate_limit_engineio),
+            ),
+            ("allowed_origins", self.allowed_origins.join(",")),
+            (
+                "harden_cookies",
+                if self.harden_cookies { "on" } else { "off" }.to_owned(),
+            ),
+            (
+                "admin_listen",
+                self.admin_listen
+                    .map_or("off".to_owned(), |a| a.to_string()),
+            ),
         ];
         lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }
+}
+
+fn describe_rate(rate: Option<Rate>) -> String {
+    rate.map_or("off".to_owned(), |r| {
+        format!("{}/{}s", r.count, r.period.as_secs())
+    })
 }
 
 #[cfg(test)]
@@ -716,6 +857,23 @@ mod tests {
                 "CHATGATE_SOCKETIO_PATH",
             ),
             (&["--max-headers", "lots"], &[], "CHATGATE_MAX_HEADERS"),
+            (
+                &["--rate-limit-websocket", "10/fortnight"],
+                &[],
+                "CHATGATE_RATE_LIMIT_WEBSOCKET",
+            ),
+            (
+                &["--allowed-origins", "chat.example"],
+                &[],
+                "CHATGATE_ALLOWED_ORIGINS",
+            ),
+            (
+                &["--harden-cookies", "maybe"],
+                &[],
+                "CHATGATE_HARDEN_COOKIES",
+            ),
+            (&["--admin-listen", "9100"], &[], "CHATGATE_ADMIN_LISTEN"),
+            (&["--max-body-bytes", "1G"], &[], "CHATGATE_MAX_BODY_BYTES"),
         ];
         for (args, env, expected) in cases {
             let err = config(args, env).unwrap_err();

@@ -29,6 +29,12 @@ pub enum ProxyError {
     MethodNotAllowed,
     #[error("shutting down")]
     Draining,
+    #[error("too many requests; retry in {0:?}")]
+    RateLimited(Duration),
+    #[error("origin not allowed")]
+    ForbiddenOrigin,
+    #[error("request body larger than {0} bytes")]
+    PayloadTooLarge(u64),
 }
 
 /// Seconds a browser is asked to wait before retrying while the backend is down.
@@ -44,6 +50,9 @@ impl ProxyError {
             ProxyError::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ForbiddenOrigin => StatusCode::FORBIDDEN,
+            ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -69,7 +78,14 @@ impl ProxyError {
         if retry {
             builder = builder.header(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
-        if status == StatusCode::BAD_REQUEST {
+        if let ProxyError::RateLimited(wait) = &self {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            builder = builder.header(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if matches!(
+            status,
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE
+        ) {
             builder = builder.header(header::CONNECTION, "close");
         }
         builder

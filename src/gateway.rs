@@ -17,9 +17,11 @@ use crate::body::ProxyBody;
 use crate::config::{AuthStubMode, Config};
 use crate::error::{ProxyError, is_browser_navigation};
 use crate::health::BackendState;
+use crate::limits::{RateLimits, limit_class, origin_allowed};
+use crate::metrics::{Metrics, RouteClass};
 use crate::proxy::client::{BackendClient, backend_client};
 use crate::proxy::headers::{
-    X_REQUEST_ID, client_addr, is_sane_request_id, is_trusted, new_request_id,
+    X_REQUEST_ID, client_addr, harden_cookies, is_sane_request_id, is_trusted, new_request_id,
 };
 use crate::proxy::{forward, websocket};
 use crate::routes::{Route, chat_redirect_location, classify, is_probe, socketio_backend_path};
@@ -36,6 +38,10 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Client connections and WebSocket relays, waited for on shutdown.
     pub tasks: TaskTracker,
+    pub metrics: Arc<Metrics>,
+    pub limits: RateLimits,
+    /// One permit per open client connection (`--max-connections`).
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Per-request facts computed once at the door.
@@ -56,6 +62,12 @@ impl RequestContext {
 
 impl Gateway {
     pub fn new(config: Config) -> Gateway {
+        let limits = RateLimits::new(
+            config.rate_limit_http,
+            config.rate_limit_websocket,
+            config.rate_limit_engineio,
+        );
+        let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
         Gateway {
             client: backend_client(&config),
             tls: Arc::new(crate::proxy::client::tls_config()),
@@ -63,6 +75,9 @@ impl Gateway {
             backend: Arc::new(BackendState::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            metrics: Arc::new(Metrics::new()),
+            limits,
+            connection_slots,
         }
     }
 
@@ -92,13 +107,25 @@ impl Gateway {
         let method = req.method().clone();
         let route = classify(req.uri().path());
         let probe = is_probe(route);
+        let upgrade = websocket::is_upgrade_request(&req);
+        let class = route_class(route, upgrade);
         let browser = is_browser_navigation(req.method(), req.headers());
-        let mut response = match self.dispatch(req, &ctx).await {
+        let result = match self.admit(&req, &ctx, route, upgrade) {
+            Ok(()) => self.dispatch(req, &ctx).await,
+            Err(refusal) => Err(refusal),
+        };
+        let mut response = match result {
             Ok(response) => response,
             Err(error) => {
-                if !matches!(
+                if let ProxyError::RateLimited(_) = error {
+                    // Counted in admit(); a flood must not flood the log too.
+                } else if !matches!(
                     error,
-                    ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed | ProxyError::Draining
+                    ProxyError::BadRequest(_)
+                        | ProxyError::MethodNotAllowed
+                        | ProxyError::Draining
+                        | ProxyError::ForbiddenOrigin
+                        | ProxyError::PayloadTooLarge(_)
                 ) {
                     tracing::warn!(error = %error, path = ctx.path(), request_id = ctx.request_id.to_str().unwrap_or("-"), "backend exchange failed");
                 }
@@ -108,9 +135,18 @@ impl Gateway {
         response
             .headers_mut()
             .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+        if self.config.harden_cookies {
+            harden_cookies(response.headers_mut());
+        }
         let status = response.status().as_u16();
-        if status != 101 {
+        if status == 101 {
+            // The relay writes its own line when it ends.
+            let seconds = started.elapsed().as_secs_f64();
+            self.metrics.request(class, &method, status, seconds, 0);
+        } else {
             response.body_mut().set_log(AccessLog {
+                metrics: Arc::clone(&self.metrics),
+                route: class,
                 method,
                 uri: ctx.uri,
                 status,
@@ -124,6 +160,32 @@ impl Gateway {
             });
         }
         Ok(response)
+    }
+
+    /// The checks before any work: the client's rate, the request's origin, its size.
+    fn admit(
+        &self,
+        req: &Request<Incoming>,
+        ctx: &RequestContext,
+        route: Route<'_>,
+        upgrade: bool,
+    ) -> Result<(), ProxyError> {
+        let path = req.uri().path();
+        let engineio = matches!(route, Route::SocketIo { .. })
+            || path.starts_with(self.config.socketio_path.as_str());
+        if self.limits.is_enabled() {
+            let probe = is_probe(route);
+            if let Some(class) = limit_class(path, req.uri().query(), upgrade, engineio, probe) {
+                if let Err(wait) = self.limits.check(class, ctx.client) {
+                    self.metrics.rate_limited(class);
+                    return Err(ProxyError::RateLimited(wait));
+                }
+            }
+        }
+        if (upgrade || engineio) && !origin_allowed(req.headers(), &self.config.allowed_origins) {
+            return Err(ProxyError::ForbiddenOrigin);
+        }
+        Ok(())
     }
 
     async fn dispatch(
@@ -226,6 +288,18 @@ fn check_request_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
         }
     }
     Ok(())
+}
+
+fn route_class(route: Route<'_>, upgrade: bool) -> RouteClass {
+    match route {
+        _ if upgrade => RouteClass::WebSocket,
+        Route::Live => RouteClass::Live,
+        Route::Health => RouteClass::Health,
+        Route::ChatRedirect { .. } => RouteClass::ChatRedirect,
+        Route::AuthConfig => RouteClass::AuthConfig,
+        Route::SocketIo { .. } => RouteClass::SocketIo,
+        Route::Backend => RouteClass::Backend,
+    }
 }
 
 fn only_get_or_head(method: &Method) -> Result<(), ProxyError> {

@@ -63,6 +63,14 @@ impl BackendState {
         *self.reachable.borrow()
     }
 
+    /// Latency of the last successful probe, while the backend counts as reachable.
+    pub fn latency_ms(&self) -> Option<f64> {
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .latency_ms
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.reachable.subscribe()
     }

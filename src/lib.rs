@@ -3,12 +3,15 @@
 //!
 //! `main.rs` parses the configuration and calls [`server::run`]; everything else lives here.
 
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod health;
 pub mod healthcheck;
+pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod server;

@@ -67,7 +67,24 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let admin = match config.admin_listen {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(admin) => Some(admin),
+            Err(e) => {
+                eprintln!(
+                    "chatgate: cannot listen on --admin-listen / CHATGATE_ADMIN_LISTEN {addr}: {e}"
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
     let _log_guard = chatgate::telemetry::init(config.log_format);
-    chatgate::server::run(config, listener, chatgate::shutdown::terminate()).await;
+    // Each relayed WebSocket holds two descriptors: take all the kernel allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    chatgate::server::run(config, listener, admin, chatgate::shutdown::terminate()).await;
     ExitCode::SUCCESS
 }

@@ -18,15 +18,28 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::health::BackendProbe;
 
-/// Serves on `listener` until `stop` resolves, then drains. Returns when every connection
-/// and relay has finished or the grace period is over.
-pub async fn run(config: Config, listener: TcpListener, stop: impl Future<Output = ()>) {
+/// Serves on `listener` (and the metrics on `admin`) until `stop` resolves, then drains.
+/// Returns when every connection and relay has finished or the grace period is over.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    stop: impl Future<Output = ()>,
+) {
     let grace = config.shutdown_grace;
     let delay = config.shutdown_delay;
     let probe = BackendProbe::new(&config);
     let gateway = Arc::new(Gateway::new(config));
     let probe_stop = CancellationToken::new();
     tokio::spawn(probe.run(Arc::clone(&gateway.backend), probe_stop.clone()));
+    tokio::spawn(housekeeping(Arc::clone(&gateway), probe_stop.clone()));
+    if let Some(admin) = admin {
+        tokio::spawn(crate::admin::serve(
+            admin,
+            Arc::clone(&gateway),
+            probe_stop.clone(),
+        ));
+    }
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(gateway.config.header_read_timeout)
@@ -81,6 +94,23 @@ pub async fn run(config: Config, listener: TcpListener, stop: impl Future<Output
     tracing::info!("stopped");
 }
 
+/// Periodic upkeep off the request path: fold metric samples into histograms and forget
+/// rate-limit state of clients that went quiet.
+async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        gateway.metrics.upkeep();
+        gateway.limits.forget_idle_clients();
+    }
+}
+
+/// What an over-limit connection gets before it is closed: no parsing, no queueing.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: text/plain\r\ncontent-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n";
+
 async fn accept(
     gateway: &Arc<Gateway>,
     http: &Arc<http1::Builder>,
@@ -88,12 +118,19 @@ async fn accept(
 ) {
     match accepted {
         Ok((stream, peer)) => {
+            let Ok(slot) = Arc::clone(&gateway.connection_slots).try_acquire_owned() else {
+                gateway.metrics.refused_connection();
+                tracing::warn!(client = %peer, limit = gateway.config.max_connections, "connection limit reached");
+                tokio::spawn(refuse(stream));
+                return;
+            };
             let _ = stream.set_nodelay(true);
             gateway.tasks.spawn(serve_connection(
                 Arc::clone(gateway),
                 Arc::clone(http),
                 stream,
                 peer,
+                slot,
             ));
         }
         Err(e) => {
@@ -102,6 +139,11 @@ async fn accept(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
 }
 
 /// Counts an open client connection for the health document while alive.
@@ -121,6 +163,8 @@ async fn serve_connection(
     http: Arc<http1::Builder>,
     stream: TcpStream,
     peer: SocketAddr,
+    // Held for the connection's life: the connection limit.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     gateway
         .backend

@@ -39,8 +39,9 @@ pub fn init(format: LogFormat) -> WorkerGuard {
 
 /// What one request's access line says. The path is logged without its query string, which
 /// carries Engine.IO session ids and OAuth codes.
-#[derive(Debug)]
 pub struct AccessLog {
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub route: crate::metrics::RouteClass,
     pub method: Method,
     pub uri: Uri,
     pub status: u16,
@@ -61,7 +62,15 @@ impl AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics.request(
+            self.route,
+            &self.method,
+            self.status,
+            seconds,
+            self.bytes_out,
+        );
+        let duration_ms = seconds * 1000.0;
         let request_id = self.request_id.to_str().unwrap_or("-");
         let error = self.error.as_deref().unwrap_or("");
         macro_rules! line {

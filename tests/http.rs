@@ -929,9 +929,10 @@ async fn large_bodies_pass_both_ways_in_bounded_memory() {
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--backend",
-            &format!("http://{}", backend.addr),
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
+        .args(["--backend", &format!("http://{}", backend.addr)])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -79,12 +79,18 @@ pub async fn forward(
     path_and_query: Option<PathAndQuery>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
+    let declared = incoming.size_hint().exact().unwrap_or(0);
+    if declared > gw.config.max_body_bytes {
+        return Err(ProxyError::PayloadTooLarge(gw.config.max_body_bytes));
+    }
     backend_request_head(gw, &mut parts, ctx, path_and_query)?;
     let idle = gw.config.body_idle_timeout;
     let (body, body_sent) = if incoming.is_end_stream() {
         (RequestBody::Empty, None)
     } else {
-        let (body, sent) = Watched::with_end_signal(incoming, idle);
+        let limit = gw.config.max_body_bytes;
+        let (body, sent) =
+            Watched::request(incoming, idle, limit, gw.metrics.request_bytes.clone());
         (RequestBody::Stream { body }, Some(sent))
     };
     // A bodyless idempotent request keeps a copy of its head, so that a pooled connection
@@ -206,9 +212,26 @@ fn is_refused_send(err: &SendError) -> bool {
 
 fn classify_send(err: &SendError) -> ProxyError {
     match err {
-        SendError::Client(e) => classify(e),
+        SendError::Client(e) => {
+            if let Some(limit) = body_too_large(e) {
+                return ProxyError::PayloadTooLarge(limit);
+            }
+            classify(e)
+        }
         SendError::Timeout(t) => ProxyError::BackendTimeout(*t),
     }
+}
+
+/// The limit, when sending failed because the client's body outgrew it.
+fn body_too_large(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(crate::body::BodyError::TooLarge(limit)) = e.downcast_ref() {
+            return Some(*limit);
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// A `Content-Type` for a static asset that came back without one, from its extension.

@@ -20,13 +20,14 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Upgrade, Proxy-Authorization, Proxy-Connection).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
-        // Collect first: the names borrow from the map we are about to change.
+        // Collect first: the names borrow from the map we are about to change. Split the
+        // raw bytes: a value with one non-ASCII (obs-text) byte still names its other
+        // options, and skipping it whole would forward the headers it names.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -51,9 +52,8 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Whether `addr` falls in one of the trusted proxy networks.
@@ -187,6 +187,55 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// Adds `Secure`, `HttpOnly` and `SameSite=Lax` to a `Set-Cookie` value where missing (the
+/// edge applying seed 002's cookie advice for apps that forgot). `None` when nothing changes.
+pub fn harden_set_cookie(value: &HeaderValue) -> Option<HeaderValue> {
+    let text = value.to_str().ok()?;
+    let mut attributes = text.split(';').skip(1).map(|a| {
+        let name = a.split('=').next().unwrap_or("").trim();
+        name.to_ascii_lowercase()
+    });
+    let (mut secure, mut http_only, mut same_site) = (false, false, false);
+    for name in attributes.by_ref() {
+        match name.as_str() {
+            "secure" => secure = true,
+            "httponly" => http_only = true,
+            "samesite" => same_site = true,
+            _ => {}
+        }
+    }
+    if secure && http_only && same_site {
+        return None;
+    }
+    let mut hardened = text.trim_end().trim_end_matches(';').to_owned();
+    if !secure {
+        hardened.push_str("; Secure");
+    }
+    if !http_only {
+        hardened.push_str("; HttpOnly");
+    }
+    if !same_site {
+        hardened.push_str("; SameSite=Lax");
+    }
+    HeaderValue::from_str(&hardened).ok()
+}
+
+/// Applies [`harden_set_cookie`] to every `Set-Cookie` of a response.
+pub fn harden_cookies(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::SET_COOKIE) {
+        return;
+    }
+    let hardened: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| harden_set_cookie(v).unwrap_or_else(|| v.clone()))
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for value in hardened {
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +275,18 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "cookie"]);
+    }
+
+    #[test]
+    fn connection_options_are_removed_even_beside_non_ascii_bytes() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xe9, X-Secret-Hop").unwrap(),
+        );
+        h.append("x-secret-hop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]
@@ -312,6 +373,33 @@ mod tests {
             "::ffff:10.0.0.1".parse().unwrap(),
             &nets("10.0.0.0/8")
         ));
+    }
+
+    #[test]
+    fn cookies_gain_missing_security_attributes() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(
+            harden_set_cookie(&v("sid=1; Path=/")).unwrap(),
+            "sid=1; Path=/; Secure; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(
+            harden_set_cookie(&v("sid=1; path=/; SameSite=Strict; httponly")).unwrap(),
+            "sid=1; path=/; SameSite=Strict; httponly; Secure"
+        );
+        assert!(harden_set_cookie(&v("a=b; Secure; HttpOnly; SameSite=None")).is_none());
+        // A cookie *named* secure is not the attribute.
+        assert_eq!(
+            harden_set_cookie(&v("secure=1")).unwrap(),
+            "secure=1; Secure; HttpOnly; SameSite=Lax"
+        );
+        let mut h = map(&[
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2; Secure; HttpOnly; SameSite=Lax"),
+        ]);
+        harden_cookies(&mut h);
+        let all: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0], "a=1; Secure; HttpOnly; SameSite=Lax");
     }
 
     #[test]

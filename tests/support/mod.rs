@@ -51,6 +51,8 @@ pub fn config(backend: SocketAddr, extra: &[&str]) -> Config {
 /// chatgate running in this process.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener (metrics), also on a port chosen by the OS.
+    pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<()>,
 }
@@ -63,12 +65,21 @@ impl Proxy {
     pub async fn start_with(config: Config) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = admin_listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(chatgate::server::run(config, listener, async {
+        let stop_signal = async {
             let _ = stopped.await;
-        }));
+        };
+        let handle = tokio::spawn(chatgate::server::run(
+            config,
+            listener,
+            Some(admin_listener),
+            stop_signal,
+        ));
         Proxy {
             addr,
+            admin,
             stop: Some(stop),
             handle,
         }

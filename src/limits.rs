@@ -1,0 +1,304 @@
+//! Abuse controls: per-client rate limits (GCRA, via governor) in three classes, the
+//! `Origin` allow-list for Socket.IO and WebSockets, and which requests each applies to.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use http::HeaderMap;
+
+use crate::metrics::LimitClass;
+
+/// A rate as written in the settings: `N/second`, `N/minute` or `N/hour` (also `s`, `m`,
+/// `h`, `sec`, `min`): at most N requests per period per client, in bursts of up to N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: NonZeroU32,
+    pub period: Duration,
+}
+
+/// Parses a [`Rate`]; `None` for an empty or `off` value.
+pub fn parse_rate(value: &str) -> Result<Option<Rate>, String> {
+    let value = value.trim();
+    if value.is_empty() || value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let (count, unit) = value
+        .split_once('/')
+        .ok_or_else(|| "expected N/second, N/minute or N/hour, e.g. 10/minute".to_owned())?;
+    let count: u32 = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("{count:?} is not a whole number"))?;
+    let count = NonZeroU32::new(count).ok_or_else(|| "the count must be at least 1".to_owned())?;
+    let period = match unit.trim().to_ascii_lowercase().as_str() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        other => {
+            return Err(format!(
+                "unknown period {other:?}: use second, minute or hour"
+            ));
+        }
+    };
+    Ok(Some(Rate { count, period }))
+}
+
+fn limiter(rate: Rate) -> DefaultKeyedRateLimiter<IpAddr> {
+    let per_cell = rate.period / rate.count.get();
+    let quota = Quota::with_period(per_cell.max(Duration::from_nanos(1)))
+        .unwrap_or_else(|| Quota::per_second(rate.count))
+        .allow_burst(rate.count);
+    DefaultKeyedRateLimiter::keyed(quota)
+}
+
+/// The configured limiters; a class without a rate is not limited.
+#[derive(Default)]
+pub struct RateLimits {
+    http: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    websocket: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    engineio: Option<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl RateLimits {
+    pub fn new(http: Option<Rate>, websocket: Option<Rate>, engineio: Option<Rate>) -> Self {
+        RateLimits {
+            http: http.map(limiter),
+            websocket: websocket.map(limiter),
+            engineio: engineio.map(limiter),
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.http.is_some() || self.websocket.is_some() || self.engineio.is_some()
+    }
+
+    /// `Err(wait)` when `client` is over its rate for `class`.
+    pub fn check(&self, class: LimitClass, client: IpAddr) -> Result<(), Duration> {
+        let limiter = match class {
+            LimitClass::Http => &self.http,
+            LimitClass::WebSocket => &self.websocket,
+            LimitClass::EngineIoHandshake => &self.engineio,
+        };
+        match limiter {
+            None => Ok(()),
+            Some(limiter) => limiter
+                .check_key(&client)
+                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
+        }
+    }
+
+    /// Forgets clients whose limits have fully replenished, so the table stays as small as
+    /// the set of recently active clients.
+    pub fn forget_idle_clients(&self) {
+        for limiter in [&self.http, &self.websocket, &self.engineio]
+            .into_iter()
+            .flatten()
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+/// Which limit a request counts against; `None` for what is exempt: probes, static assets
+/// (one page load is dozens of them) and Engine.IO requests of an established session.
+pub fn limit_class(
+    path: &str,
+    query: Option<&str>,
+    upgrade: bool,
+    engineio: bool,
+    probe: bool,
+) -> Option<LimitClass> {
+    if probe {
+        return None;
+    }
+    if upgrade {
+        return Some(LimitClass::WebSocket);
+    }
+    if engineio {
+        let in_session = query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with("sid=")));
+        return (!in_session).then_some(LimitClass::EngineIoHandshake);
+    }
+    if is_static_asset(path) {
+        return None;
+    }
+    Some(LimitClass::Http)
+}
+
+/// Chainlit's static routes, and anything that looks like a file.
+pub fn is_static_asset(path: &str) -> bool {
+    const PREFIXES: [&str; 3] = ["/assets/", "/public/", "/avatars/"];
+    if PREFIXES.iter().any(|p| path.starts_with(p)) || matches!(path, "/favicon" | "/logo") {
+        return true;
+    }
+    let file = path.rsplit('/').next().unwrap_or("");
+    matches!(
+        file.rsplit_once('.').map(|(_, ext)| ext),
+        Some(
+            "js" | "css"
+                | "map"
+                | "png"
+                | "jpg"
+                | "jpeg"
+                | "gif"
+                | "svg"
+                | "ico"
+                | "webp"
+                | "woff"
+                | "woff2"
+                | "ttf"
+        )
+    )
+}
+
+/// Whether a request's `Origin` is allowed: always when no list is configured or the request
+/// has no `Origin` (not a browser); otherwise only an exact (case-insensitive) match.
+pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match headers.get(http::header::ORIGIN).map(|o| o.to_str()) {
+        None => true,
+        Some(Ok(origin)) => {
+            let origin = origin.trim().trim_end_matches('/');
+            allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+        }
+        Some(Err(_)) => false,
+    }
+}
+
+/// Normalises an allow-list entry: `scheme://host[:port]`, no path, no trailing slash.
+pub fn parse_origin(entry: &str) -> Result<String, String> {
+    let entry = entry.trim().trim_end_matches('/');
+    let uri: http::Uri = entry
+        .parse()
+        .map_err(|_| format!("{entry:?} is not an origin"))?;
+    match (uri.scheme_str(), uri.authority(), uri.path()) {
+        (Some("http" | "https"), Some(_), "" | "/") if uri.query().is_none() => {
+            Ok(entry.to_ascii_lowercase())
+        }
+        _ => Err(format!(
+            "{entry:?} is not an origin like https://chat.example"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_in_the_seeds_style() {
+        let r = parse_rate("10/minute").unwrap().unwrap();
+        assert_eq!((r.count.get(), r.period), (10, Duration::from_secs(60)));
+        assert_eq!(
+            parse_rate(" 5 / s ").unwrap().unwrap().period,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            parse_rate("100/hour").unwrap().unwrap().period,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(parse_rate("").unwrap(), None);
+        assert_eq!(parse_rate("off").unwrap(), None);
+        for bad in ["10", "0/minute", "x/minute", "10/fortnight"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limits_allow_a_burst_then_refuse_with_a_wait() {
+        let limits = RateLimits::new(parse_rate("3/minute").unwrap(), None, None);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(limits.check(LimitClass::Http, a).is_ok());
+        }
+        let wait = limits.check(LimitClass::Http, a).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(1) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+        assert!(
+            limits.check(LimitClass::Http, b).is_ok(),
+            "clients are limited separately"
+        );
+        assert!(
+            limits.check(LimitClass::WebSocket, a).is_ok(),
+            "an unset class is not limited"
+        );
+    }
+
+    #[test]
+    fn assets_probes_and_session_polling_are_exempt() {
+        assert_eq!(
+            limit_class("/assets/index.js", None, false, false, false),
+            None
+        );
+        assert_eq!(limit_class("/favicon", None, false, false, false), None);
+        assert_eq!(
+            limit_class("/monitor/health", None, false, false, true),
+            None
+        );
+        assert_eq!(
+            limit_class(
+                "/ws/socket.io/",
+                Some("EIO=4&transport=polling&sid=abc"),
+                false,
+                true,
+                false
+            ),
+            None
+        );
+        assert_eq!(
+            limit_class(
+                "/ws/socket.io/",
+                Some("EIO=4&transport=polling&t=x"),
+                false,
+                true,
+                false
+            ),
+            Some(LimitClass::EngineIoHandshake)
+        );
+        assert_eq!(
+            limit_class(
+                "/ws/socket.io/",
+                Some("EIO=4&transport=websocket&sid=a"),
+                true,
+                true,
+                false
+            ),
+            Some(LimitClass::WebSocket)
+        );
+        assert_eq!(
+            limit_class("/", None, false, false, false),
+            Some(LimitClass::Http)
+        );
+        assert_eq!(
+            limit_class("/project/settings", None, false, false, false),
+            Some(LimitClass::Http)
+        );
+    }
+
+    #[test]
+    fn origins_are_matched_exactly() {
+        let allowed = vec![parse_origin("https://Chat.example/").unwrap()];
+        let mut h = HeaderMap::new();
+        assert!(origin_allowed(&h, &allowed), "no Origin: not a browser");
+        h.insert("origin", "https://chat.example".parse().unwrap());
+        assert!(origin_allowed(&h, &allowed));
+        h.insert(
+            "origin",
+            "https://chat.example.evil.example".parse().unwrap(),
+        );
+        assert!(!origin_allowed(&h, &allowed));
+        h.insert("origin", "null".parse().unwrap());
+        assert!(!origin_allowed(&h, &allowed));
+        assert!(origin_allowed(&h, &[]), "no list: everything allowed");
+        assert!(parse_origin("chat.example").is_err());
+        assert!(parse_origin("https://chat.example/path").is_err());
+    }
+}

@@ -1,0 +1,390 @@
+//! Prometheus metrics, served on the admin listener only.
+//!
+//! Handles are registered once with a recorder owned by the gateway (no global state), so
+//! the request path only touches atomics. Labels are of low cardinality: route class,
+//! method, status class, direction, close code; never raw paths or addresses.
+
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::health::BackendState;
+
+/// What a request was, for its labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteClass {
+    Live,
+    Health,
+    ChatRedirect,
+    AuthConfig,
+    SocketIo,
+    Backend,
+    WebSocket,
+}
+
+impl RouteClass {
+    const ALL: [RouteClass; 7] = [
+        RouteClass::Live,
+        RouteClass::Health,
+        RouteClass::ChatRedirect,
+        RouteClass::AuthConfig,
+        RouteClass::SocketIo,
+        RouteClass::Backend,
+        RouteClass::WebSocket,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RouteClass::Live => "live",
+            RouteClass::Health => "health",
+            RouteClass::ChatRedirect => "chat_redirect",
+            RouteClass::AuthConfig => "auth_config",
+            RouteClass::SocketIo => "socketio",
+            RouteClass::Backend => "backend",
+            RouteClass::WebSocket => "websocket",
+        }
+    }
+}
+
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
+];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn method_index(method: &http::Method) -> usize {
+    METHODS[..7]
+        .iter()
+        .position(|m| *m == method.as_str())
+        .unwrap_or(7)
+}
+
+/// Which rate limit rejected a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitClass {
+    Http,
+    WebSocket,
+    EngineIoHandshake,
+}
+
+impl LimitClass {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitClass::Http => "http",
+            LimitClass::WebSocket => "websocket",
+            LimitClass::EngineIoHandshake => "engineio_handshake",
+        }
+    }
+}
+
+/// Every metric chatgate exports.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    // Registered on first use, then read without a lock.
+    requests: Vec<OnceLock<Counter>>,
+    durations: Vec<Histogram>,
+    pub request_bytes: Counter,
+    pub response_bytes: Counter,
+    pub ws_messages_to_backend: Counter,
+    pub ws_messages_to_client: Counter,
+    rate_limited: [Counter; 3],
+    refused_connections: Counter,
+    client_connections: Gauge,
+    websocket_relays: Gauge,
+    backend_up: Gauge,
+    probe_latency: Gauge,
+}
+
+fn key(name: &'static str, labels: Vec<Label>) -> Key {
+    Key::from_parts(name, labels)
+}
+
+const META: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let buckets = [
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&buckets)
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+            recorder.describe_counter(
+                KeyName::from_const_str(name),
+                unit,
+                SharedString::const_str(help),
+            );
+        };
+        describe(
+            "chatgate_requests_total",
+            None,
+            "HTTP requests answered, by route class, method and status class.",
+        );
+        describe(
+            "chatgate_request_duration_seconds",
+            Some(Unit::Seconds),
+            "Time from request head to the end of the response body, by route class.",
+        );
+        describe(
+            "chatgate_request_body_bytes_total",
+            Some(Unit::Bytes),
+            "Request body bytes sent to the backend.",
+        );
+        describe(
+            "chatgate_response_body_bytes_total",
+            Some(Unit::Bytes),
+            "Response body bytes sent to clients.",
+        );
+        describe(
+            "chatgate_client_connections",
+            None,
+            "Open client connections.",
+        );
+        describe("chatgate_websocket_relays", None, "Open WebSocket relays.");
+        describe(
+            "chatgate_websocket_messages_total",
+            None,
+            "WebSocket data messages relayed, by direction.",
+        );
+        describe(
+            "chatgate_websocket_closes_total",
+            None,
+            "Ended WebSocket relays, by close code.",
+        );
+        describe(
+            "chatgate_backend_up",
+            None,
+            "1 when the backend probe says it is reachable, else 0.",
+        );
+        describe(
+            "chatgate_backend_probe_latency_seconds",
+            Some(Unit::Seconds),
+            "Latency of the last successful backend probe.",
+        );
+        describe(
+            "chatgate_rate_limited_total",
+            None,
+            "Requests refused with 429, by limit class.",
+        );
+        describe(
+            "chatgate_refused_connections_total",
+            None,
+            "Connections refused at the connection limit.",
+        );
+
+        let counter = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_counter(&key(name, labels), &META)
+        };
+        let gauge = |name: &'static str| recorder.register_gauge(&key(name, vec![]), &META);
+        let durations = RouteClass::ALL
+            .iter()
+            .map(|r| {
+                recorder.register_histogram(
+                    &key(
+                        "chatgate_request_duration_seconds",
+                        vec![Label::from_static_parts("route", r.label())],
+                    ),
+                    &META,
+                )
+            })
+            .collect();
+        let direction = |d: &'static str| vec![Label::from_static_parts("direction", d)];
+        let class = |c: LimitClass| vec![Label::from_static_parts("class", c.label())];
+        Metrics {
+            requests: (0..RouteClass::ALL.len() * METHODS.len() * STATUS_CLASSES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            durations,
+            request_bytes: counter("chatgate_request_body_bytes_total", vec![]),
+            response_bytes: counter("chatgate_response_body_bytes_total", vec![]),
+            ws_messages_to_backend: counter(
+                "chatgate_websocket_messages_total",
+                direction("to_backend"),
+            ),
+            ws_messages_to_client: counter(
+                "chatgate_websocket_messages_total",
+                direction("to_client"),
+            ),
+            rate_limited: [
+                counter("chatgate_rate_limited_total", class(LimitClass::Http)),
+                counter("chatgate_rate_limited_total", class(LimitClass::WebSocket)),
+                counter(
+                    "chatgate_rate_limited_total",
+                    class(LimitClass::EngineIoHandshake),
+                ),
+            ],
+            refused_connections: counter("chatgate_refused_connections_total", vec![]),
+            client_connections: gauge("chatgate_client_connections"),
+            websocket_relays: gauge("chatgate_websocket_relays"),
+            backend_up: gauge("chatgate_backend_up"),
+            probe_latency: gauge("chatgate_backend_probe_latency_seconds"),
+            handle,
+            recorder,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn request(
+        &self,
+        route: RouteClass,
+        method: &http::Method,
+        status: u16,
+        seconds: f64,
+        body_bytes: u64,
+    ) {
+        let route_index = RouteClass::ALL
+            .iter()
+            .position(|r| *r == route)
+            .unwrap_or(0);
+        let status_index = usize::from(status / 100).clamp(1, 5) - 1;
+        let m = method_index(method);
+        let index = (route_index * METHODS.len() + m) * STATUS_CLASSES.len() + status_index;
+        if let Some(slot) = self.requests.get(index) {
+            slot.get_or_init(|| {
+                let labels = vec![
+                    Label::from_static_parts("route", route.label()),
+                    Label::from_static_parts("method", METHODS[m]),
+                    Label::from_static_parts("status", STATUS_CLASSES[status_index]),
+                ];
+                self.recorder
+                    .register_counter(&key("chatgate_requests_total", labels), &META)
+            })
+            .increment(1);
+        }
+        if let Some(histogram) = self.durations.get(route_index) {
+            histogram.record(seconds);
+        }
+        self.response_bytes.increment(body_bytes);
+    }
+
+    pub fn rate_limited(&self, class: LimitClass) {
+        let index = match class {
+            LimitClass::Http => 0,
+            LimitClass::WebSocket => 1,
+            LimitClass::EngineIoHandshake => 2,
+        };
+        self.rate_limited[index].increment(1);
+    }
+
+    pub fn refused_connection(&self) {
+        self.refused_connections.increment(1);
+    }
+
+    /// Counts an ended relay by its close code (a fixed set of labels).
+    pub fn websocket_closed(&self, code: Option<u16>) {
+        let label = match code {
+            None => "none",
+            Some(c @ (1000..=1003 | 1007..=1014)) => close_code_label(c),
+            Some(3000..=3999) => "3xxx",
+            Some(4000..=4999) => "4xxx",
+            Some(_) => "other",
+        };
+        let labels = vec![Label::from_static_parts("code", label)];
+        self.recorder
+            .register_counter(&key("chatgate_websocket_closes_total", labels), &META)
+            .increment(1);
+    }
+
+    /// The exposition text; gauges are read from the live state first.
+    pub fn render(&self, state: &BackendState) -> String {
+        self.client_connections
+            .set(state.client_connections.load(Ordering::Relaxed) as f64);
+        self.websocket_relays
+            .set(state.websocket_relays.load(Ordering::Relaxed) as f64);
+        self.backend_up
+            .set(if state.is_reachable() { 1.0 } else { 0.0 });
+        if let Some(ms) = state.latency_ms() {
+            self.probe_latency.set(ms / 1000.0);
+        }
+        self.handle.render()
+    }
+
+    /// Folds recorded histogram samples into their buckets; call periodically so memory
+    /// stays bounded even when nobody scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+fn close_code_label(code: u16) -> &'static str {
+    match code {
+        1000 => "1000",
+        1001 => "1001",
+        1002 => "1002",
+        1003 => "1003",
+        1007 => "1007",
+        1008 => "1008",
+        1009 => "1009",
+        1010 => "1010",
+        1011 => "1011",
+        1012 => "1012",
+        1013 => "1013",
+        _ => "1014",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_with_low_cardinality_labels() {
+        let m = Metrics::new();
+        m.request(RouteClass::Backend, &http::Method::GET, 200, 0.01, 10);
+        m.request(RouteClass::Backend, &http::Method::GET, 204, 0.01, 0);
+        m.request(
+            RouteClass::Health,
+            &http::Method::from_bytes(b"PURGE").unwrap(),
+            503,
+            0.001,
+            5,
+        );
+        m.websocket_closed(Some(4001));
+        m.rate_limited(LimitClass::WebSocket);
+        let text = m.render(&BackendState::default());
+        assert!(
+            text.contains(
+                r#"chatgate_requests_total{route="backend",method="GET",status="2xx"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"chatgate_requests_total{route="health",method="other",status="5xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"chatgate_websocket_closes_total{code="4xxx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"chatgate_rate_limited_total{class="websocket"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("chatgate_response_body_bytes_total 15"),
+            "{text}"
+        );
+        assert!(text.contains("chatgate_backend_up 0"), "{text}");
+        assert!(text.contains("# HELP chatgate_requests_total"), "{text}");
+        assert!(
+            text.contains("chatgate_request_duration_seconds_bucket"),
+            "{text}"
+        );
+    }
+}
