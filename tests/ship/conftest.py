@@ -129,7 +129,14 @@ class Launcher:
     def start(self, argv: list[str], env: dict[str, str], name: str) -> Started:
         token = uuid.uuid4().hex
         log = self.tmp / f"{name}.log"
-        full_env = {**os.environ, **env, "SHIP_TEST_TOKEN": token}
+        # chatgate's admin (metrics) listener defaults to the fixed 0.0.0.0:9100: give each
+        # run a free loopback port so parallel runs and other suites can't collide on it.
+        full_env = {
+            **os.environ,
+            "CHATGATE_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+            **env,
+            "SHIP_TEST_TOKEN": token,
+        }
         with open(log, "wb") as sink:
             proc = subprocess.Popen(
                 argv,
@@ -178,6 +185,7 @@ def chatgate_bin(tmp_path_factory: pytest.TempPathFactory) -> str:
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
             [path, "--listen", f"127.0.0.1:{port}", "--backend", f"http://127.0.0.1:{backend}"],
+            env={**os.environ, "CHATGATE_ADMIN_LISTEN": f"127.0.0.1:{free_port()}"},
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=subprocess.STDOUT,
