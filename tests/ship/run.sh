@@ -87,12 +87,16 @@ if [[ -z ${CHATGATE_UNDER_TEST:-} ]]; then
     fi
 fi
 
+if ((${#failed[@]} > 0)); then
+    # Said before pytest runs, so pytest's summary line stays the last line.
+    echo "run.sh: FAILED before pytest: ${failed[*]} (the exit status will be non-zero)"
+fi
+
 step "pytest tests/ship"
 "$venv/bin/python" -m pytest tests/ship -o cache_dir="$repo/target/ship-pytest-cache" -ra "$@"
 pytest_status=$?
 
 if ((${#failed[@]} > 0)); then
-    echo "run.sh: also failed: ${failed[*]}" >&2
     exit 1
 fi
 exit "$pytest_status"
