@@ -7,8 +7,8 @@
 # On a fresh Debian machine it installs what it needs: chromium, python3-venv,
 # nodejs/npm, curl (apt, only when missing), a venv in target/e2e/venv with
 # tests/e2e/requirements.txt, and tests/e2e/node_modules (playwright-core
-# only: it drives /usr/bin/chromium, no browser download). It builds
-# target/debug/chatgate with `cargo build` when that binary is missing.
+# only: it drives /usr/bin/chromium, no browser download). It runs
+# `cargo build` and tests target/debug/chatgate.
 #
 # Only loopback is used. It starts Chainlit and chatgate on free 127.0.0.1
 # ports and stops exactly those processes, by PID (SIGTERM, bounded wait,
@@ -16,7 +16,8 @@
 #
 # Environment:
 #   E2E_DIRECT=1          test bare Chainlit (no chatgate); chatgate-only checks SKIP
-#   E2E_CHATGATE_BIN      chatgate binary [target/debug/chatgate]
+#   E2E_CHATGATE_BIN      chatgate binary to test instead (no cargo build)
+#   E2E_NO_BUILD=1        test target/debug/chatgate as it is (no cargo build)
 #   E2E_CHATGATE_ARGS     extra chatgate arguments, e.g. "--auth-stub off" (proves
 #                         the tests can fail)
 #   E2E_IDLE_SECONDS      idle period of the heartbeat test [30]
@@ -195,10 +196,13 @@ install_system_packages
 install_python_deps
 install_node_deps
 
-if [ "$DIRECT" != 1 ] && [ ! -x "$CHATGATE_BIN" ]; then
-    say "building chatgate (cargo build)"
+# `cargo build` (the dev profile the unit tests use) is a no-op when the
+# binary is current, and keeps the suite from testing a stale one.
+if [ "$DIRECT" != 1 ] && [ -z "${E2E_CHATGATE_BIN:-}" ] && [ "${E2E_NO_BUILD:-}" != 1 ]; then
+    say "cargo build"
     cargo build >"$STATE/cargo.log" 2>&1 || abort "cargo build failed (see target/e2e/run/cargo.log)"
 fi
+[ "$DIRECT" = 1 ] || [ -x "$CHATGATE_BIN" ] || abort "no chatgate binary at $CHATGATE_BIN"
 
 BACKEND_PORT=$(free_port) || abort "no free port"
 APPROOT="$STATE/approot"
@@ -219,11 +223,11 @@ else
     GATE_PORT=$(free_port) || abort "no free port"
     # shellcheck disable=SC2086 # E2E_CHATGATE_ARGS is a list of words on purpose
     "$CHATGATE_BIN" --listen "127.0.0.1:$GATE_PORT" --backend "http://127.0.0.1:$BACKEND_PORT" \
-        --shutdown-grace 5 ${E2E_CHATGATE_ARGS:-} >"$STATE/chatgate.log" 2>&1 </dev/null &
+        --admin-listen 127.0.0.1:0 --shutdown-grace 5 ${E2E_CHATGATE_ARGS:-} >"$STATE/chatgate.log" 2>&1 </dev/null &
     chatgate_pid=$!
     BASE="http://127.0.0.1:$GATE_PORT"
     wait_http_200 "$BASE/monitor/live" 30 "$chatgate_pid" ||
-        abort "chatgate did not answer $BASE/monitor/live (see target/e2e/run/chatgate.log)"
+        abort "chatgate did not answer $BASE/monitor/live; its log ends: $(tail -c 400 "$STATE/chatgate.log" | tr '\n' ' ')"
     say "chatgate (pid $chatgate_pid) at $BASE -> Chainlit on port $BACKEND_PORT"
 fi
 
