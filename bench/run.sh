@@ -352,7 +352,7 @@ start_target() {
             [[ $target == chatgate-warn ]] && level=warn
             # Default logging as users run it: JSON access log on stdout, sent to a file.
             RUST_LOG=$level start_server "$target" "$port" "$PROXY_CPUS" \
-                "$CHATGATE" --listen "127.0.0.1:$port" --backend "http://127.0.0.1:$BACKEND_PORT"
+                "$CHATGATE" --listen "127.0.0.1:$port" --backend "http://127.0.0.1:$BACKEND_PORT" --admin-listen 127.0.0.1:0
             ;;
         nginx)
             local prefix=$WORK/nginx-$REPEAT

@@ -548,6 +548,8 @@ async fn sigterm_closes_relays_with_1001_and_the_binary_exits_zero() {
             "5",
             "--log-format",
             "text",
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

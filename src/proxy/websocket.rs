@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
+use crate::metrics::Metrics;
 use crate::proxy::forward::backend_request_head;
 use crate::proxy::headers::{has_token, strip_hop_by_hop};
 
@@ -191,7 +192,9 @@ pub async fn relay(
         ping_interval: gw.config.ws_ping_interval,
         pong_timeout: gw.config.ws_pong_timeout,
         shutdown: gw.shutdown.clone(),
+        metrics: Some(Arc::clone(&gw.metrics)),
     };
+    let metrics = Arc::clone(&gw.metrics);
     let mut line = RelayLine {
         path: ctx.uri.path().to_owned(),
         request_id: ctx.request_id.clone(),
@@ -227,6 +230,7 @@ pub async fn relay(
         backend_state
             .websocket_relays
             .fetch_sub(1, Ordering::Relaxed);
+        metrics.websocket_closed(line.stats.close_code);
         line.emit();
     });
     Ok(response)
@@ -325,6 +329,22 @@ pub struct RelaySettings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     pub shutdown: CancellationToken,
+    /// Message counts are added here at each keep-alive tick and at the end, not per
+    /// message: a long chat shows up within one ping interval, at no per-message cost.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+/// Adds what a relay moved since the last report to the message counters.
+fn report(settings: &RelaySettings, c2b: &Direction, b2c: &Direction, reported: &mut (u64, u64)) {
+    if let Some(metrics) = &settings.metrics {
+        metrics
+            .ws_messages_to_backend
+            .increment(c2b.messages - reported.0);
+        metrics
+            .ws_messages_to_client
+            .increment(b2c.messages - reported.1);
+    }
+    *reported = (c2b.messages, b2c.messages);
 }
 
 /// Counts for the relay's access line.
@@ -472,6 +492,7 @@ where
     let mut b2c = Direction::default();
     let mut last_client_frame = Instant::now();
     let mut ping_sent: Option<Instant> = None;
+    let mut reported = (0u64, 0u64);
     let mut keepalive: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(settings.ping_interval));
     let shutdown = settings.shutdown.cancelled();
     tokio::pin!(shutdown);
@@ -482,6 +503,7 @@ where
         }
         // Keep-alive: ping an idle client, give up on one that stays silent after a ping.
         while keepalive.as_mut().poll(cx).is_ready() {
+            report(settings, &c2b, &b2c, &mut reported);
             let now = Instant::now();
             if let Some(sent) = ping_sent {
                 if last_client_frame < sent {
@@ -566,6 +588,7 @@ where
             finish(end, &mut backend, &mut client, &mut stats).await;
         }
     }
+    report(settings, &c2b, &b2c, &mut reported);
     stats.client_to_backend = c2b;
     stats.backend_to_client = b2c;
     stats
