@@ -31,8 +31,9 @@ count() { # log-file: adds the suite's passed/failed counts from its summary lin
             f=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
             ;;
         ship)
-            p=$(grep -E '[0-9]+ passed' "$log" | tail -n 1 | sed -E 's/.*[^0-9]?([0-9]+) passed.*/\1/')
-            f=$(grep -E '[0-9]+ failed' "$log" | tail -n 1 | sed -E 's/.*[^0-9]([0-9]+) failed.*/\1/')
+            # pytest's closing line, e.g. "== 36 passed, 1 xfailed in 22.1s ==".
+            p=$(grep -oE '[0-9]+ passed' "$log" | tail -n 1 | cut -d' ' -f1)
+            f=$(grep -oE '[0-9]+ failed' "$log" | tail -n 1 | cut -d' ' -f1)
             ;;
         e2e)
             p=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1 | sed -E 's/^([0-9]+) passed.*/\1/')

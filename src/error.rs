@@ -35,6 +35,8 @@ pub enum ProxyError {
     ForbiddenOrigin,
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(u64),
+    #[error("the request body stalled for {0:?}")]
+    RequestBodyTimeout(Duration),
 }
 
 /// Seconds a browser is asked to wait before retrying while the backend is down.
@@ -53,6 +55,7 @@ impl ProxyError {
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ForbiddenOrigin => StatusCode::FORBIDDEN,
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 

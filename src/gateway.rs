@@ -126,6 +126,7 @@ impl Gateway {
                         | ProxyError::Draining
                         | ProxyError::ForbiddenOrigin
                         | ProxyError::PayloadTooLarge(_)
+                        | ProxyError::RequestBodyTimeout(_)
                 ) {
                     tracing::warn!(error = %error, path = ctx.path(), request_id = ctx.request_id.to_str().unwrap_or("-"), "backend exchange failed");
                 }
@@ -278,6 +279,17 @@ impl Gateway {
 fn check_request_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed);
+    }
+    // RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
+    // HTTP/1.1 request message that lacks a Host header field and to any request message
+    // that contains more than one Host header field".
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if first.is_none() && req.version() == http::Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
     }
     if let Some(authority) = req.uri().authority() {
         let host = req.headers().get(header::HOST).map(HeaderValue::as_bytes);

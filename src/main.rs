@@ -57,6 +57,13 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
+    let signals = match chatgate::shutdown::Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("chatgate: cannot install the SIGTERM/SIGINT handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -85,6 +92,6 @@ async fn serve(config: Config) -> ExitCode {
         Ok(limit) => tracing::info!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    chatgate::server::run(config, listener, admin, chatgate::shutdown::terminate()).await;
+    chatgate::server::run(config, listener, admin, signals.recv()).await;
     ExitCode::SUCCESS
 }

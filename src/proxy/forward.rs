@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::body::{ProxyBody, RequestBody, Watched};
+use crate::body::{BodyError, ProxyBody, RequestBody, Watched};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
 use crate::proxy::client::{classify, is_refused};
@@ -213,21 +213,23 @@ fn is_refused_send(err: &SendError) -> bool {
 fn classify_send(err: &SendError) -> ProxyError {
     match err {
         SendError::Client(e) => {
-            if let Some(limit) = body_too_large(e) {
-                return ProxyError::PayloadTooLarge(limit);
+            // The client's own body failing is the client's fault, not the backend's.
+            match request_body_error(e) {
+                Some(BodyError::TooLarge(limit)) => ProxyError::PayloadTooLarge(*limit),
+                Some(BodyError::IdleTimeout(idle)) => ProxyError::RequestBodyTimeout(*idle),
+                _ => classify(e),
             }
-            classify(e)
         }
         SendError::Timeout(t) => ProxyError::BackendTimeout(*t),
     }
 }
 
-/// The limit, when sending failed because the client's body outgrew it.
-fn body_too_large(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+/// The request body's own error, when that is why sending failed.
+fn request_body_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
-        if let Some(crate::body::BodyError::TooLarge(limit)) = e.downcast_ref() {
-            return Some(*limit);
+        if let Some(body_error) = e.downcast_ref::<BodyError>() {
+            return Some(body_error);
         }
         source = e.source();
     }

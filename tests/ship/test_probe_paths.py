@@ -75,13 +75,6 @@ def test_chatgate_accepts_the_settings_shipped_in_probes_yaml_and_the_dockerfile
     assert "100.64.0.0/10" in result.stdout, result.stdout
 
 
-@pytest.mark.xfail(
-    reason="chatgate bug: SIGTERM/SIGINT handlers are installed when shutdown::terminate() is "
-    "first polled inside server::run, after the listener is bound, so a SIGTERM in the first "
-    "milliseconds of accepting kills chatgate (status 143) instead of draining. ACA may stop "
-    "a replica at any time. Remove this marker once the handlers are registered before bind.",
-    strict=False,
-)
 def test_sigterm_as_soon_as_chatgate_accepts_is_still_a_clean_stop(launcher, chatgate_bin) -> None:
     outcomes = []
     for _ in range(5):
