@@ -29,6 +29,8 @@ pub enum ProxyError {
     MethodNotAllowed,
     #[error("shutting down")]
     Draining,
+    #[error("too many connections")]
+    Overloaded,
     #[error("too many requests; retry in {0:?}")]
     RateLimited(Duration),
     #[error("origin not allowed")]
@@ -45,7 +47,9 @@ pub const RETRY_AFTER_SECS: u64 = 5;
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BackendRefused | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BackendRefused | ProxyError::Draining | ProxyError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BackendConnectTimeout
             | ProxyError::BackendConnect(_)
             | ProxyError::BackendReset(_) => StatusCode::BAD_GATEWAY,

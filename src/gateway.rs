@@ -124,6 +124,7 @@ impl Gateway {
                     ProxyError::BadRequest(_)
                         | ProxyError::MethodNotAllowed
                         | ProxyError::Draining
+                        | ProxyError::Overloaded
                         | ProxyError::ForbiddenOrigin
                         | ProxyError::PayloadTooLarge(_)
                         | ProxyError::RequestBodyTimeout(_)

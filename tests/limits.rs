@@ -362,3 +362,28 @@ async fn connections_over_the_cap_are_refused_fast() {
             .contains("chatgate_refused_connections_total 1")
     );
 }
+
+#[tokio::test]
+async fn websocket_relays_hold_a_connection_slot_after_the_upgrade() {
+    let backend = WsBackend::echo().await;
+    let proxy = Proxy::start(backend.addr, &["--max-connections", "2"]).await;
+    let mut relay = connect(proxy.addr, "/ws/socket.io/?EIO=4&transport=websocket").await;
+    relay.send(Message::text("hi")).await.unwrap();
+    let _ = support::ws::next_data(&mut relay).await;
+    let mut held = TcpStream::connect(proxy.addr).await.unwrap();
+    held.write_all(b"GET /monitor/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    held.read_exact(&mut buf).await.unwrap();
+    let reply = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        reply.starts_with("HTTP/1.1 503"),
+        "the relay and one connection fill 2 slots: {reply}"
+    );
+    relay.close(None).await.unwrap();
+    eventually("the relay's slot frees up", async || {
+        get(proxy.addr, "/monitor/live").await.map(|r| r.status) == Ok(StatusCode::OK)
+    })
+    .await;
+}

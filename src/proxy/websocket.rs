@@ -43,7 +43,7 @@ static SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket
 
 /// Each leg's read buffer. tungstenite allocates it eagerly (default 128 KiB, ~256 KiB per
 /// relay); chat messages are small, and a larger message just takes more reads.
-pub const READ_BUFFER: usize = 2 * 1024;
+pub const READ_BUFFER: usize = 1024;
 /// Bytes of small messages gathered before a write; a flush happens anyway whenever the
 /// sending side has nothing more ready, so this only batches bursts.
 pub const WRITE_BUFFER: usize = 8 * 1024;
@@ -150,6 +150,11 @@ pub async fn relay(
     if gw.shutdown.is_cancelled() || gw.backend.is_draining() {
         return Err(ProxyError::Draining);
     }
+    // The relay outlives the HTTP connection it came on (hyper lets go of it at the
+    // upgrade), so it holds a connection slot of its own.
+    let slot = Arc::clone(&gw.connection_slots)
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::Overloaded)?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, _body) = req.into_parts();
     backend_request_head(gw, &mut parts, ctx, path_and_query)?;
@@ -207,6 +212,7 @@ pub async fn relay(
         .websocket_relays
         .fetch_add(1, Ordering::Relaxed);
     gw.tasks.spawn(async move {
+        let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let client_ws = WebSocketStream::from_raw_socket(
