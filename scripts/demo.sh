@@ -18,6 +18,8 @@
 #   DEMO_PROFILE       release | debug [release]
 #   DEMO_NO_ENTRYPOINT=1  start the two processes directly instead of through
 #                      entrypoint.sh
+#   CHATGATE_*         passed to chatgate (the demo defaults LOG_FORMAT=text,
+#                      SHUTDOWN_GRACE=5, ADMIN_LISTEN=127.0.0.1:9100 or off)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -115,6 +117,15 @@ export CHATGATE_LISTEN="$LISTEN"
 export CHATGATE_BACKEND="http://127.0.0.1:$BACKEND_PORT"
 export CHATGATE_SHUTDOWN_GRACE=${CHATGATE_SHUTDOWN_GRACE:-5}
 export CHATGATE_LOG_FORMAT=${CHATGATE_LOG_FORMAT:-text}
+# Metrics on loopback only (chatgate's default is 0.0.0.0:9100); off when 9100
+# is taken, rather than failing the demo.
+if [ -z "${CHATGATE_ADMIN_LISTEN:-}" ]; then
+    if port_free 9100; then CHATGATE_ADMIN_LISTEN=127.0.0.1:9100; else CHATGATE_ADMIN_LISTEN=off; fi
+fi
+export CHATGATE_ADMIN_LISTEN
+metrics_hint=""
+[ "$CHATGATE_ADMIN_LISTEN" = off ] ||
+    metrics_hint="curl -s http://127.0.0.1:${CHATGATE_ADMIN_LISTEN##*:}/monitor/metrics | head"
 
 if [ -x "$ROOT/entrypoint.sh" ] && [ "${DEMO_NO_ENTRYPOINT:-}" != 1 ]; then
     say "starting Chainlit and chatgate through entrypoint.sh"
@@ -145,6 +156,7 @@ cat >&2 <<EOF
 
   Try:  curl -s $URL/monitor/health
         curl -si $URL/chat | head -3        (307 to /)
+        ${metrics_hint}
   Type a message in the page: the reply streams back over a WebSocket.
   Ctrl-C stops both.
 
