@@ -107,10 +107,27 @@ def test_chat_redirects_to_root(base, direct):
     return ", ".join(f"{p} -> {w}" for p, w in cases)
 
 
+def test_foreign_origin_refused(base, direct, allowed):
+    """With an allow-list, a page on another site cannot open a Socket.IO
+    session through chatgate; our own origin (and no Origin) can."""
+    if direct or not allowed:
+        raise Skip("no --allowed-origins under test")
+    path = "/ws/socket.io/?EIO=4&transport=polling"
+    r = get(base + path, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403, f"Origin http://evil.example -> {r.status_code}"
+    own = allowed.split(",")[0]
+    r = get(base + path, headers={"Origin": own})
+    assert r.status_code == 200 and r.text.startswith("0{"), (
+        f"Origin {own} -> {r.status_code} {r.text[:80]!r}"
+    )
+    return f"evil.example 403, {own} 200"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
     ap.add_argument("--direct", action="store_true")
+    ap.add_argument("--allowed-origins", default="", help="chatgate's allow-list, if set")
     args = ap.parse_args()
     base = args.url.rstrip("/")
     tests = [
@@ -120,6 +137,7 @@ def main():
         ("http_monitor_health_sees_backend", test_monitor_health_sees_backend),
         ("http_auth_config_stub_selects_dark_theme", test_auth_config_stub),
         ("http_chat_redirects_to_root", test_chat_redirects_to_root),
+        ("http_foreign_origin_cannot_open_socketio", lambda b, d: test_foreign_origin_refused(b, d, args.allowed_origins)),
     ]
     failed = 0
     for name, fn in tests:

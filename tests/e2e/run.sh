@@ -20,6 +20,7 @@
 #   E2E_NO_BUILD=1        test target/debug/chatgate as it is (no cargo build)
 #   E2E_CHATGATE_ARGS     extra chatgate arguments, e.g. "--auth-stub off" (proves
 #                         the tests can fail)
+#   E2E_ALLOWED_ORIGINS   chatgate's --allowed-origins [its own origin]; "" = any
 #   E2E_IDLE_SECONDS      idle period of the heartbeat test [30]
 #   E2E_APT=always        run apt-get update/install even if nothing is missing
 set -uo pipefail
@@ -221,18 +222,23 @@ if [ "$DIRECT" = 1 ]; then
     say "E2E_DIRECT=1: testing bare Chainlit at $BASE"
 else
     GATE_PORT=$(free_port) || abort "no free port"
+    BASE="http://127.0.0.1:$GATE_PORT"
+    # Production-like: only our own origin may open Socket.IO sessions, so the
+    # browser's real Origin headers are checked against the allow-list.
+    ALLOWED_ORIGINS=${E2E_ALLOWED_ORIGINS-$BASE}
     # shellcheck disable=SC2086 # E2E_CHATGATE_ARGS is a list of words on purpose
     "$CHATGATE_BIN" --listen "127.0.0.1:$GATE_PORT" --backend "http://127.0.0.1:$BACKEND_PORT" \
-        --admin-listen 127.0.0.1:0 --shutdown-grace 5 ${E2E_CHATGATE_ARGS:-} >"$STATE/chatgate.log" 2>&1 </dev/null &
+        --admin-listen 127.0.0.1:0 --shutdown-grace 5 --allowed-origins "$ALLOWED_ORIGINS" \
+        ${E2E_CHATGATE_ARGS:-} >"$STATE/chatgate.log" 2>&1 </dev/null &
     chatgate_pid=$!
-    BASE="http://127.0.0.1:$GATE_PORT"
     wait_http_200 "$BASE/monitor/live" 30 "$chatgate_pid" ||
         abort "chatgate did not answer $BASE/monitor/live; its log ends: $(tail -c 400 "$STATE/chatgate.log" | tr '\n' ' ')"
     say "chatgate (pid $chatgate_pid) at $BASE -> Chainlit on port $BACKEND_PORT"
 fi
 
-direct_flag=()
-[ "$DIRECT" = 1 ] && direct_flag=(--direct)
+http_flags=()
+[ "$DIRECT" = 1 ] && http_flags=(--direct)
+[ -n "${ALLOWED_ORIGINS:-}" ] && http_flags+=(--allowed-origins "$ALLOWED_ORIGINS")
 
 # The idle-connection test takes E2E_IDLE_SECONDS: run it alongside the
 # others, and let it finish before the browser test restarts the backend.
@@ -241,7 +247,7 @@ timeout --kill-after=10 $((IDLE_SECONDS + 60)) "$VENV/bin/python" "$HERE/socketi
     >"$STATE/socketio_idle.out" 2>"$STATE/socketio_idle.err" &
 idle_pid=$!
 
-run_tests http 60 "$VENV/bin/python" "$HERE/http_test.py" --url "$BASE" "${direct_flag[@]}"
+run_tests http 60 "$VENV/bin/python" "$HERE/http_test.py" --url "$BASE" "${http_flags[@]}"
 run_tests socketio 60 "$VENV/bin/python" "$HERE/socketio_test.py" --url "$BASE" \
     --only socketio_polling_handshake_upgrades_and_streams_reply --only socketio_websocket_only_streams_reply
 
