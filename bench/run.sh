@@ -9,10 +9,14 @@
 # 5,000 idle WebSockets, proxy CPU per request/message and start-up time, REPEATS times.
 # Everything listens on 127.0.0.1 only; everything started is stopped by PID on exit or Ctrl-C.
 #
-# Knobs (environment): REPEATS=3 DURATION=10 WARMUP=2 IDLE_CONNS=5000 PROXY_CPUS=1
-# LOAD_CPUS=0 PORT_BASE=18000 TARGETS="direct chatgate chatgate-warn nginx haproxy"
-# OUT=bench/RESULTS.md KEEP_WORK=0 (keep the temp dir with raw outputs and logs)
-# NGINX_WORKERS=auto (nginx worker_processes).
+# Knobs (environment):
+#   REPEATS=3 DURATION=10 WARMUP=2   repeats per target, seconds per measured run / warm-up
+#   IDLE_CONNS=5000                  idle WebSockets held through each proxy
+#   PROXY_CPUS=1 LOAD_CPUS=0         CPUs (comma-separated numbers) for proxy / load + backend
+#   PORT_BASE=18000                  backend on PORT_BASE+80, proxies on PORT_BASE+100*repeat+i
+#   TARGETS="direct chatgate chatgate-warn nginx haproxy"
+#   NGINX_WORKERS=auto               nginx worker_processes
+#   OUT=bench/RESULTS.md KEEP_WORK=0 report path; 1 keeps the temp dir (wrk outputs, logs)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -176,6 +180,28 @@ cpu_seconds() {
     awk -v t="$total" -v hz="$CLK_TCK" 'BEGIN { printf "%.4f", t / hz }'
 }
 
+# Busy ticks (everything but idle and iowait) of the proxy CPUs, from /proc/stat; with the
+# proxy's own CPU time this tells how much other processes took from it during a run.
+busy_ticks() {
+    awk -v cpus=",$PROXY_CPUS," '$1 ~ /^cpu[0-9]+$/ {
+        n = substr($1, 4)
+        if (index(cpus, "," n ",")) busy += $2 + $3 + $4 + $7 + $8 + $9
+    } END { print busy + 0 }' /proc/stat
+}
+
+# Percentage of the proxy CPUs' time that went to other processes between two samples.
+noise_pct() {
+    local busy0=$1 busy1=$2 proxy0=${3:-0} proxy1=${4:-0} seconds=$5
+    local ncpu
+    ncpu=$(tr ',' '\n' <<<"$PROXY_CPUS" | grep -c .)
+    awk -v b0="$busy0" -v b1="$busy1" -v p0="$proxy0" -v p1="$proxy1" -v s="$seconds" \
+        -v hz="$CLK_TCK" -v n="$ncpu" 'BEGIN {
+        other = (b1 - b0) / hz - (p1 - p0)
+        if (other < 0) other = 0
+        printf "%.1f", other * 100 / (s * n)
+    }'
+}
+
 # Resident set of a process tree in KiB, from /proc/PID/status.
 rss_kib() {
     local total=0 pid kib
@@ -241,10 +267,13 @@ wrk_load() {
     local target=$1 prefix=$2 conns=$3 url=$4 kib=$5 pid=$6
     local out=$WORK/$target-$prefix-$REPEAT.wrk
     taskset -c "$LOAD_CPUS" wrk -t1 -c"$conns" -d"${WARMUP}s" "$url" >/dev/null
-    local cpu0 cpu1
+    local cpu0=0 cpu1=0 busy0 busy1
     [[ -n $pid ]] && cpu0=$(cpu_seconds "$pid")
+    busy0=$(busy_ticks)
     taskset -c "$LOAD_CPUS" wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url" >"$out"
+    busy1=$(busy_ticks)
     [[ -n $pid ]] && cpu1=$(cpu_seconds "$pid")
+    record "$target" noise_pct "$(noise_pct "$busy0" "$busy1" "$cpu0" "$cpu1" "$DURATION")"
     local rps requests p50 p99
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
     requests=$(awk '/ requests in / {print $1}' "$out")
@@ -276,12 +305,15 @@ ws_load() {
         return
     fi
     taskset -c "$LOAD_CPUS" "$BIN/ws-load" --url "$url" --connections 64 --duration "$WARMUP" >/dev/null
-    local out=$WORK/$target-ws-$REPEAT.out cpu0 cpu1
+    local out=$WORK/$target-ws-$REPEAT.out cpu0=0 cpu1=0 busy0 busy1
     [[ -n $pid ]] && cpu0=$(cpu_seconds "$pid")
+    busy0=$(busy_ticks)
     if ! taskset -c "$LOAD_CPUS" "$BIN/ws-load" --url "$url" --connections 64 --duration "$DURATION" >"$out" 2>>"$WORK/$target-ws.err"; then
         warn "$target ws repeat $REPEAT: ws-load reported errors ($(tail -n 1 "$WORK/$target-ws.err"))"
     fi
+    busy1=$(busy_ticks)
     [[ -n $pid ]] && cpu1=$(cpu_seconds "$pid")
+    record "$target" noise_pct "$(noise_pct "$busy0" "$busy1" "$cpu0" "$cpu1" "$DURATION")"
     local line messages
     line=$(cat "$out")
     field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$line"; }
@@ -464,5 +496,6 @@ fi
     fi
 } >"$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
-cp "$RAW" "$BENCH_DIR/raw-latest.tsv"
-log "wrote $OUT (raw figures in bench/raw-latest.tsv)"
+RAW_OUT=$(dirname "$OUT")/raw-latest.tsv
+cp "$RAW" "$RAW_OUT"
+log "wrote $OUT (raw figures in $RAW_OUT)"

@@ -59,6 +59,11 @@ const METRICS: &[Metric] = &[
         "5,000 idle WS: proxy RSS per connection (KiB)",
         2,
     ),
+    metric(
+        "noise_pct",
+        "Other processes on the proxy CPU during the load tests (%)",
+        0,
+    ),
     metric("startup_ms", "Start-up to first served request (ms)", 1),
     metric("binary_mib", "Binary size (MiB)", 2),
 ];
