@@ -487,6 +487,7 @@ if [[ -f $WORK/nginx-1/logs/error.log ]] && grep -q 'buffered to a temporary fil
     warn "nginx buffered some upstream responses to temporary files (default proxy_buffering)"
 fi
 
+mkdir -p "$(dirname "$OUT")"
 {
     "$BIN/bench-report" --raw "$RAW" --meta "$META"
     if [[ -s $WARNINGS ]]; then
