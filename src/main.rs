@@ -5,6 +5,13 @@ use std::time::Duration;
 
 use chatgate::config::{Cli, Command, Config};
 
+// jemalloc with its background threads hands freed memory back to the system within
+// seconds, even when no request arrives to trigger it: glibc's malloc (and mimalloc) kept
+// the peak (~70 MiB) after a burst of 5,000 relays had drained (bench/SOAK.md).
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::parse_with(std::env::args_os(), |name| std::env::var(name).ok()) {
         Ok(cli) => cli,

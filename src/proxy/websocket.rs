@@ -264,7 +264,14 @@ fn refusal_response(refusal: Response<Option<Vec<u8>>>) -> Response<ProxyBody> {
 
 async fn connect_backend(gw: &Gateway) -> Result<BackendStream, ProxyError> {
     let backend = &gw.config.backend;
-    let connect = TcpStream::connect((backend.host.as_str(), backend.port));
+    // An IP backend (the usual 127.0.0.1) is connected to directly: a host name would send
+    // every handshake through the blocking resolver pool.
+    let connect = async {
+        match backend.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => TcpStream::connect((ip, backend.port)).await,
+            Err(_) => TcpStream::connect((backend.host.as_str(), backend.port)).await,
+        }
+    };
     let tcp = match tokio::time::timeout(gw.config.connect_timeout, connect).await {
         Err(_) => return Err(ProxyError::BackendConnectTimeout),
         Ok(Err(e)) => return Err(ProxyError::BackendConnect(e.to_string())),
