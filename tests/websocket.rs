@@ -177,9 +177,9 @@ async fn subprotocol_chosen_by_the_backend_reaches_the_client() {
 
 #[tokio::test]
 async fn extensions_are_never_forwarded() {
-    // The backend announces permessage-deflate as a compressing backend would: the relay
-    // must neither offer it to the backend nor grant it to the client.
-    let backend = WsBackend::builder().announce_extension().start().await;
+    // The client offers permessage-deflate (Chromium does): the relay must neither offer it
+    // to the backend nor grant it to the client.
+    let backend = WsBackend::echo().await;
     let proxy = Proxy::start(backend.addr, &[]).await;
     let mut request = ws_request(proxy.addr, WS_PATH);
     request.headers_mut().insert(
@@ -201,6 +201,20 @@ async fn extensions_are_never_forwarded() {
     );
     client.send(Message::text("uncompressed")).await.unwrap();
     assert_eq!(next_data(&mut client).await, Message::text("uncompressed"));
+}
+
+#[tokio::test]
+async fn backend_enabling_an_unoffered_extension_is_refused_with_502() {
+    // RFC 6455 §4.1: the client leg must fail a 101 that enables an extension it did not
+    // offer; the relay could not read the compressed frames that would follow.
+    let backend = WsBackend::builder().announce_extension().start().await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    match try_connect(ws_request(proxy.addr, WS_PATH)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), StatusCode::BAD_GATEWAY)
+        }
+        other => panic!("expected 502, got {:?}", other.map(|(_, r)| r.status())),
+    }
 }
 
 #[tokio::test]
@@ -629,4 +643,37 @@ async fn slow_reading_backend_pushes_back_on_the_client() {
         pushed < TRIED / 5,
         "pushed {pushed} of {TRIED} messages: nothing pushed back"
     );
+}
+
+#[tokio::test]
+async fn frames_sent_right_after_the_101_are_not_lost() {
+    // Engine.IO sends its open packet as soon as a WebSocket-only session is accepted, often
+    // in the same TCP segment as the 101.
+    let (addr, _task) = support::raw_backend(|mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        let head = support::read_head(&mut stream).await;
+        if !head.to_ascii_lowercase().contains("upgrade: websocket") {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+            return;
+        }
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        reply.extend_from_slice(&[0x81, 5]); // FIN + text, unmasked, 5 bytes
+        reply.extend_from_slice(b"0open");
+        let _ = stream.write_all(&reply).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let proxy = Proxy::start(addr, &[]).await;
+    let mut client = connect(proxy.addr, WS_PATH).await;
+    assert_eq!(next_data(&mut client).await, Message::text("0open"));
 }

@@ -37,6 +37,7 @@ use crate::proxy::forward::backend_request_head;
 use crate::proxy::headers::{has_token, strip_hop_by_hop};
 
 static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+static SEC_WEBSOCKET_PROTOCOL: HeaderName = HeaderName::from_static("sec-websocket-protocol");
 static SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
 static SEC_WEBSOCKET_EXTENSIONS: HeaderName = HeaderName::from_static("sec-websocket-extensions");
 static SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
@@ -178,21 +179,21 @@ pub async fn relay(
     let request = backend_handshake_request(backend_uri, parts.headers);
 
     let config = ws_config(gw);
-    let stream = connect_backend(gw).await?;
-    let handshake = tokio_tungstenite::client_async_with_config(request, stream, Some(config));
-    let (backend_ws, backend_response) =
+    let mut stream = connect_backend(gw).await?;
+    let handshake = backend_handshake(&mut stream, &request);
+    let (backend_headers, leftover) =
         match tokio::time::timeout(gw.config.ws_handshake_timeout, handshake).await {
             Err(_) => return Err(ProxyError::BackendTimeout(gw.config.ws_handshake_timeout)),
-            Ok(Err(WsError::Http(refusal))) => return Ok(refusal_response(*refusal)),
-            Ok(Err(e)) => {
-                return Err(ProxyError::BackendReset(format!(
-                    "WebSocket handshake: {e}"
-                )));
-            }
-            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(BackendAnswer::Refused(refusal))) => return Ok(refusal),
+            Ok(Ok(BackendAnswer::Accepted { headers, leftover })) => (headers, leftover),
         };
+    // Built from what was read, so that `read_buffer_size` applies to this leg too
+    // (tungstenite's own client handshake would leave its 4 KiB read buffer behind).
+    let backend_ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Client, Some(config)).await;
 
-    let response = switching_protocols(&client_key, backend_response.headers());
+    let response = switching_protocols(&client_key, &backend_headers);
     let settings = RelaySettings {
         ping_interval: gw.config.ws_ping_interval,
         pong_timeout: gw.config.ws_pong_timeout,
@@ -251,15 +252,146 @@ fn ws_config(gw: &Gateway) -> WebSocketConfig {
         .max_frame_size(Some(gw.config.ws_max_frame))
 }
 
-/// The backend's refusal (status, headers, body) as the client's answer.
-fn refusal_response(refusal: Response<Option<Vec<u8>>>) -> Response<ProxyBody> {
-    let (mut parts, body) = refusal.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(
-        parts,
-        ProxyBody::full(body.map(Bytes::from).unwrap_or_default()),
-    )
+/// Largest handshake answer head read from the backend.
+const MAX_HANDSHAKE_HEAD: usize = 16 * 1024;
+/// Largest refusal body passed on to the client.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// What the backend said to the upgrade.
+enum BackendAnswer {
+    /// 101: its headers, and any bytes that came after them (the first frames).
+    Accepted {
+        headers: HeaderMap,
+        leftover: Vec<u8>,
+    },
+    /// Anything else, as the client's answer: status, end-to-end headers, body.
+    Refused(Response<ProxyBody>),
+}
+
+/// The backend leg's opening handshake (RFC 6455 §4.1), read into a small buffer. The caller
+/// bounds it in time.
+async fn backend_handshake(
+    stream: &mut BackendStream,
+    request: &Request<()>,
+) -> Result<BackendAnswer, ProxyError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |what: String| ProxyError::BackendReset(format!("WebSocket handshake: {what}"));
+    let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in request.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    stream
+        .write_all(&head)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    stream.flush().await.map_err(|e| failed(e.to_string()))?;
+
+    let mut buf = head;
+    buf.clear();
+    let (status, headers, head_len) = loop {
+        if buf.len() >= MAX_HANDSHAKE_HEAD {
+            return Err(failed("answer head too large".into()));
+        }
+        buf.reserve(1024);
+        if stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            == 0
+        {
+            return Err(failed("connection closed before an answer".into()));
+        }
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut slots);
+        match parsed.parse(&buf) {
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Err(failed(format!("malformed answer: {e}"))),
+            Ok(httparse::Status::Complete(len)) => {
+                let status = StatusCode::from_u16(parsed.code.unwrap_or(0))
+                    .map_err(|_| failed("bad status".into()))?;
+                let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+                for h in parsed.headers.iter() {
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(h.name.as_bytes()),
+                        HeaderValue::from_bytes(h.value),
+                    ) {
+                        headers.append(name, value);
+                    }
+                }
+                break (status, headers, len);
+            }
+        }
+    };
+    let rest = buf.split_off(head_len);
+
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        // A refusal: pass its body on, as much as it declared (bounded).
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .unwrap_or(rest.len())
+            .min(MAX_REFUSAL_BODY);
+        let mut body = rest;
+        while body.len() < declared {
+            body.reserve(declared - body.len());
+            match stream.read_buf(&mut body).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        body.truncate(declared);
+        let mut refusal = Response::new(ProxyBody::full(Bytes::from(body)));
+        *refusal.status_mut() = status;
+        let mut headers = headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::CONTENT_LENGTH);
+        *refusal.headers_mut() = headers;
+        return Ok(BackendAnswer::Refused(refusal));
+    }
+
+    let key = request
+        .headers()
+        .get(&SEC_WEBSOCKET_KEY)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    let accept_ok = headers
+        .get(&SEC_WEBSOCKET_ACCEPT)
+        .is_some_and(|a| a.as_bytes() == derive_accept_key(key).as_bytes());
+    if !accept_ok || !has_token(&headers, &header::UPGRADE, "websocket") {
+        return Err(failed(
+            "101 without a valid Sec-WebSocket-Accept and Upgrade".into(),
+        ));
+    }
+    // RFC 6455 §4.1: a subprotocol the client did not offer fails the connection.
+    if let Some(chosen) = headers.get(&SEC_WEBSOCKET_PROTOCOL) {
+        let offered = has_token(
+            request.headers(),
+            &SEC_WEBSOCKET_PROTOCOL,
+            chosen.to_str().unwrap_or("\0"),
+        );
+        if !offered {
+            return Err(failed(
+                "backend chose a subprotocol that was not offered".into(),
+            ));
+        }
+    }
+    if headers.contains_key(&SEC_WEBSOCKET_EXTENSIONS) {
+        return Err(failed(
+            "backend enabled an extension that was not offered".into(),
+        ));
+    }
+    Ok(BackendAnswer::Accepted {
+        headers,
+        leftover: rest,
+    })
 }
 
 async fn connect_backend(gw: &Gateway) -> Result<BackendStream, ProxyError> {
