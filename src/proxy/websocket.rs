@@ -185,7 +185,7 @@ pub async fn relay(
         match tokio::time::timeout(gw.config.ws_handshake_timeout, handshake).await {
             Err(_) => return Err(ProxyError::BackendTimeout(gw.config.ws_handshake_timeout)),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(BackendAnswer::Refused(refusal))) => return Ok(refusal),
+            Ok(Ok(BackendAnswer::Refused(refusal))) => return Ok(*refusal),
             Ok(Ok(BackendAnswer::Accepted { headers, leftover })) => (headers, leftover),
         };
     // Built from what was read, so that `read_buffer_size` applies to this leg too
@@ -265,7 +265,7 @@ enum BackendAnswer {
         leftover: Vec<u8>,
     },
     /// Anything else, as the client's answer: status, end-to-end headers, body.
-    Refused(Response<ProxyBody>),
+    Refused(Box<Response<ProxyBody>>),
 }
 
 /// The backend leg's opening handshake (RFC 6455 §4.1), read into a small buffer. The caller
@@ -354,7 +354,7 @@ async fn backend_handshake(
         strip_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
         *refusal.headers_mut() = headers;
-        return Ok(BackendAnswer::Refused(refusal));
+        return Ok(BackendAnswer::Refused(Box::new(refusal)));
     }
 
     let key = request
