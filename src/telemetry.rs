@@ -11,10 +11,20 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Lines the log writer holds before it drops new ones rather than block a request.
+const BUFFERED_LINES: usize = 16_384;
+
 /// Installs the global subscriber. The returned guard flushes buffered lines when dropped:
 /// keep it alive in `main`. The writer drops lines rather than block a request when full.
 pub fn init(format: LogFormat) -> WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The writer thread flushes whenever its queue runs dry, so a buffer batches the lines
+    // of a busy moment into one write without delaying a quiet one (stdout alone is line
+    // buffered: one write syscall per request).
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(BUFFERED_LINES)
+        .lossy(true)
+        .finish(stdout);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
