@@ -223,7 +223,10 @@ fn render(table: &Table, meta: &[(String, String)]) -> String {
         {
             continue;
         }
-        let nginx = lookup(table, "nginx", metric.id).and_then(Samples::median);
+        // A ratio of machine noise to machine noise says nothing.
+        let nginx = lookup(table, "nginx", metric.id)
+            .and_then(Samples::median)
+            .filter(|_| metric.id != "noise_pct");
         let _ = write!(out, "| {} |", metric.label);
         for (id, _) in &present {
             let _ = write!(
@@ -259,6 +262,19 @@ fn render(table: &Table, meta: &[(String, String)]) -> String {
          latency, CPU, memory, start-up and size; higher for throughput.\n",
         verdicts.len()
     );
+    if present
+        .iter()
+        .any(|(id, _)| table.contains_key(&(id.to_string(), "noise_pct".to_owned())))
+    {
+        let _ = writeln!(
+            out,
+            "\"Other processes on the proxy CPU\" is the share of the pinned proxy CPU that \
+             processes outside the benchmark used during the measured runs (with no proxy, \
+             `direct`, they take whatever is idle). Where it is high, throughput and latency \
+             are unreliable; CPU per request or message is much less affected and is the \
+             figure to trust on a shared machine.\n"
+        );
+    }
     out
 }
 
