@@ -112,7 +112,7 @@ install_tools() {
     command -v haproxy >/dev/null || missing+=(haproxy)
     command -v wrk >/dev/null || missing+=(wrk)
     command -v ps >/dev/null || missing+=(procps)
-    command -v taskset >/dev/null || missing+=(util-linux)
+    command -v taskset >/dev/null && command -v flock >/dev/null || missing+=(util-linux)
     command -v ss >/dev/null || missing+=(iproute2)
     if ((${#missing[@]} == 0)); then
         log "nginx, haproxy, wrk, ps, taskset, ss present"
@@ -137,6 +137,14 @@ install_tools() {
 
 install_tools
 
+# Two benchmark runs on the same CPUs spoil each other's figures: take turns.
+LOCK=${TMPDIR:-/tmp}/chatgate-bench.lock
+exec 9>"$LOCK"
+if ! flock -n 9; then
+    log "another bench/run.sh holds $LOCK; waiting for it (up to 30 min)"
+    flock -w 1800 9 || { log "gave up waiting for $LOCK"; exit 1; }
+fi
+
 # Each relayed idle WebSocket holds two descriptors in the proxy.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
@@ -158,6 +166,12 @@ else
     CHATGATE_MISSING="not built"
     warn "chatgate did not build (cargo build --release -p chatgate); its columns are n/a"
     tail -n 20 "$WORK/chatgate-build.log" >&2 || true
+fi
+
+# The revision the chatgate binary was built from (src/ may change while the run goes on).
+GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then
+    GIT_REV="$GIT_REV + uncommitted changes in src/"
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -413,6 +427,12 @@ start_target() {
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 BUSY_AT_START=$(ps -eo comm= | grep -cE '^(rustc|cc1|cc1plus|ld|ld\.lld|cargo|clang)$' || true)
 
+# Something else (a soak, a test) may hold the default ports: move the whole block.
+for _ in 1 2 3 4 5; do
+    port_free $((PORT_BASE + 80)) && port_free $((PORT_BASE + 101)) && break
+    log "port $((PORT_BASE + 80)) or $((PORT_BASE + 101)) is busy; trying PORT_BASE=$((PORT_BASE + 1000))"
+    PORT_BASE=$((PORT_BASE + 1000))
+done
 BACKEND_PORT=$((PORT_BASE + 80))
 REPEAT=0
 log "starting bench-backend on 127.0.0.1:$BACKEND_PORT (CPUs $LOAD_CPUS)"
@@ -462,10 +482,6 @@ record haproxy binary_mib "$(size_mib "$(command -v haproxy)")"
 # Report.
 LOAD_AT_END=$(cut -d' ' -f1-3 /proc/loadavg)
 BUSY_AT_END=$(ps -eo comm= | grep -cE '^(rustc|cc1|cc1plus|ld|ld\.lld|cargo|clang)$' || true)
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then
-    GIT_REV="$GIT_REV + uncommitted changes in src/"
-fi
 meta date "$(date -u +'%Y-%m-%d %H:%M UTC')"
 meta repeats "$REPEATS"
 meta machine "$(nproc) CPUs, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
