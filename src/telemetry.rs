@@ -1,12 +1,14 @@
 //! Logging: JSON lines (or text on a terminal) through a non-blocking writer, and the one
 //! access line per request, written when its response body is finished or dropped.
 
-use std::io::IsTerminal;
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use http::{HeaderValue, Method, Uri};
 use tokio::time::Instant;
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -25,6 +27,7 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         .buffered_lines_limit(BUFFERED_LINES)
         .lossy(true)
         .finish(stdout);
+    let access_writer = writer.clone();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
@@ -36,6 +39,9 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         .with_writer(writer)
         .with_target(false);
     if json {
+        // Access lines skip tracing's generic JSON layer (a tenth of the CPU of a small
+        // proxied request went there): same fields, written directly to the same writer.
+        let _ = ACCESS_WRITER.set(access_writer);
         builder
             .json()
             .flatten_event(true)
@@ -45,6 +51,25 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         builder.with_ansi(std::io::stdout().is_terminal()).init();
     }
     guard
+}
+
+/// Set when logs are JSON lines: where the access lines go directly.
+static ACCESS_WRITER: OnceLock<NonBlocking> = OnceLock::new();
+
+/// Appends `value` to `line` as a JSON string (quoted and escaped).
+fn push_json_str(line: &mut String, value: &str) {
+    line.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(line, "\\u{:04x}", c as u32);
+            }
+            c => line.push(c),
+        }
+    }
+    line.push('"');
 }
 
 /// What one request's access line says. The path is logged without its query string, which
@@ -67,6 +92,38 @@ pub struct AccessLog {
 impl AccessLog {
     pub fn note_error(&mut self, error: String) {
         self.error.get_or_insert(error);
+    }
+}
+
+impl AccessLog {
+    /// The access line as tracing's JSON layer would write it, built in one buffer.
+    fn write_json(&self, writer: &NonBlocking, duration_ms: f64, request_id: &str, error: &str) {
+        let mut line = String::with_capacity(320);
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let level = if self.probe { "DEBUG" } else { "INFO" };
+        let _ = write!(
+            line,
+            "{{\"timestamp\":\"{now}\",\"level\":\"{level}\",\"message\":\"request\",\"method\":"
+        );
+        push_json_str(&mut line, self.method.as_str());
+        line.push_str(",\"path\":");
+        push_json_str(&mut line, self.uri.path());
+        let _ = write!(
+            line,
+            ",\"status\":{},\"duration_ms\":{},\"bytes\":{},\"request_id\":",
+            self.status,
+            (duration_ms * 1000.0).round() / 1000.0,
+            self.bytes_out
+        );
+        push_json_str(&mut line, request_id);
+        let _ = write!(
+            line,
+            ",\"client\":\"{}\",\"completed\":{},\"error\":",
+            self.client, self.completed
+        );
+        push_json_str(&mut line, error);
+        line.push_str("}\n");
+        let _ = writer.clone().write_all(line.as_bytes());
     }
 }
 
@@ -99,10 +156,32 @@ impl Drop for AccessLog {
                 )
             };
         }
-        if self.probe {
+        let level_enabled = if self.probe {
+            tracing::enabled!(tracing::Level::DEBUG)
+        } else {
+            tracing::enabled!(tracing::Level::INFO)
+        };
+        if let (true, Some(writer)) = (level_enabled, ACCESS_WRITER.get()) {
+            self.write_json(writer, duration_ms, request_id, error);
+        } else if self.probe {
             line!(debug);
         } else {
             line!(info);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_are_escaped_like_serde_json() {
+        for value in ["/plain", "/a\"b\\c", "/tab\there", "\u{1}\u{1f}", "/ünï/€"] {
+            let mut line = String::new();
+            push_json_str(&mut line, value);
+            let parsed: String = serde_json::from_str(&line).expect("valid JSON string");
+            assert_eq!(parsed, value);
         }
     }
 }
