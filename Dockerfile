@@ -26,6 +26,9 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /build/recipe.json recipe.json
+# Same as .cargo/config.toml (not in the cook step's context): jemalloc hands freed pages back
+# to the system within about a second.
+ENV JEMALLOC_SYS_WITH_MALLOC_CONF="background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000"
 # Rebuilt only when the manifests or Cargo.lock change. Same flags as the build below, so only
 # chatgate's dependencies are cooked, not the workspace's bench harness.
 RUN cargo chef cook --release --locked --bin chatgate --recipe-path recipe.json
