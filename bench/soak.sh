@@ -383,14 +383,14 @@ growth=$(awk -v p="$PEAK_RSS" -v b="$BASE_RSS" -v n="$PEAK_WS" \
     if ((!RSS_OK && STEADY_OK)); then
         printf '\nReading: RSS stayed near the peak working set after the relays closed, but it did not\n'
         printf 'grow while %s more connections churned through at constant concurrency, and every\n' "$STEADY_CONNS"
-        printf 'descriptor came back: the pattern of freed memory the allocator (glibc malloc,\n'
+        printf 'descriptor came back: the pattern of freed memory the allocator (jemalloc,\n'
         printf 'per-thread arenas) keeps for reuse, not of a per-connection leak (not confirmed from\n'
         printf 'inside the process). It is still memory a container stays charged for after a burst.\n'
     fi
     printf '\nThresholds. Descriptors: +%s over the baseline (a few sockets may still be closing,\n' "$FD_MARGIN"
     printf 'and the backend pool may hold an idle connection); one leaked relay per thousand\n'
     printf 'connections would leave hundreds. RSS: +%s MiB. After a peak of thousands of relays the\n' "$RSS_MARGIN_MIB"
-    printf 'allocator (glibc malloc, one arena per runtime thread) keeps some freed pages and\n'
+    printf 'allocator (jemalloc, 1 s decay; per-thread caches) keeps some freed pages and\n'
     printf 'fragmented chunks, so RSS never returns exactly to the baseline; but %s MiB spread over\n' "$RSS_MARGIN_MIB"
     printf 'the %s connections opened is %s bytes each, far below anything a connection\n' "$OPENED" \
         "$(awk -v m="$RSS_MARGIN_MIB" -v n="$OPENED" 'BEGIN { if (n > 0) printf "%.0f", m * 1048576 / n; else print "-" }')"
