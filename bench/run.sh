@@ -49,60 +49,9 @@ warn() {
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RAW"; }
 meta() { printf '%s\t%s\n' "$1" "$2" >>"$META"; }
 
-# ---------------------------------------------------------------------------------------
-# Process bookkeeping: every long-running process we start goes into STARTED; cleanup stops
-# exactly those PIDs (and, for nginx, the workers whose parent is our master).
-STARTED=()
-
-stop_pid() {
-    local pid=$1 children
-    if ! kill -0 "$pid" 2>/dev/null; then
-        forget_pid "$pid"
-        return 0
-    fi
-    children=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 250); do
-        kill -0 "$pid" 2>/dev/null || break
-        # A zombie is gone for our purposes; its parent reaps it.
-        [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]; then
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    for child in $children; do
-        kill -KILL "$child" 2>/dev/null || true
-    done
-    forget_pid "$pid"
-}
-
-# Drops a stopped PID from STARTED so a later reuse of the number is never signalled.
-forget_pid() {
-    local keep=() p
-    for p in "${STARTED[@]}"; do
-        [[ $p == "$1" ]] || keep+=("$p")
-    done
-    STARTED=("${keep[@]}")
-}
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local i
-    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
-        stop_pid "${STARTED[i]}"
-    done
-    wait 2>/dev/null || true
-    if [[ $KEEP_WORK == 1 || $status != 0 ]]; then
-        log "raw outputs and logs kept in $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'log interrupted; exit 130' INT TERM
+# Process bookkeeping (STARTED, stop_pid, cleanup and the traps).
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
 
 # ---------------------------------------------------------------------------------------
 # Tools.
@@ -425,6 +374,7 @@ start_target() {
 # ---------------------------------------------------------------------------------------
 # Run.
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# shellcheck disable=SC2009 # pgrep refuses patterns longer than a process name
 BUSY_AT_START=$(ps -eo comm= | grep -cE '^(rustc|cc1|cc1plus|ld|ld\.lld|cargo|clang)$' || true)
 
 # Something else (a soak, a test) may hold the default ports: move the whole block.
@@ -438,7 +388,6 @@ REPEAT=0
 log "starting bench-backend on 127.0.0.1:$BACKEND_PORT (CPUs $LOAD_CPUS)"
 start_server backend "$BACKEND_PORT" "$LOAD_CPUS" "$BIN/bench-backend" --listen "127.0.0.1:$BACKEND_PORT" ||
     { log "backend did not start"; exit 1; }
-BACKEND_PID=$SERVER_PID
 SERVER_PID=""
 SERVER_WRAPPER=""
 
@@ -481,6 +430,7 @@ record haproxy binary_mib "$(size_mib "$(command -v haproxy)")"
 # ---------------------------------------------------------------------------------------
 # Report.
 LOAD_AT_END=$(cut -d' ' -f1-3 /proc/loadavg)
+# shellcheck disable=SC2009 # pgrep refuses patterns longer than a process name
 BUSY_AT_END=$(ps -eo comm= | grep -cE '^(rustc|cc1|cc1plus|ld|ld\.lld|cargo|clang)$' || true)
 meta date "$(date -u +'%Y-%m-%d %H:%M UTC')"
 meta repeats "$REPEATS"

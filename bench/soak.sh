@@ -44,40 +44,9 @@ die() {
     exit 1
 }
 
-# ---------------------------------------------------------------------------------------
-# Process bookkeeping: only the PIDs started here are ever signalled.
-STARTED=()
-
-stop_pid() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    # chatgate drains for up to --shutdown-grace (20 s); nothing is open by then.
-    for _ in $(seq 1 250); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local i
-    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
-        stop_pid "${STARTED[i]}"
-    done
-    wait 2>/dev/null || true
-    if [[ $KEEP_WORK == 1 || $status != 0 ]]; then
-        log "logs kept in $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'log interrupted; exit 130' INT TERM
+# Process bookkeeping (STARTED, stop_pid, cleanup and the traps).
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
 
 for tool in curl jq ss; do
     command -v "$tool" >/dev/null || die "$tool is needed (apt-get install curl jq iproute2)"

@@ -700,19 +700,9 @@ async fn conflicting_framing_never_smuggles_a_second_request() {
 async fn slow_headers_are_cut_by_the_header_read_timeout() {
     let backend = echo_backend().await;
     let proxy = Proxy::start(backend.addr, &["--header-read-timeout", "0.5"]).await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    let started = std::time::Instant::now();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "connection held open"
-    );
-    let text = String::from_utf8_lossy(&buf);
+    let (text, open_for) =
+        send_and_wait_for_close(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(open_for < Duration::from_secs(4), "connection held open");
     assert!(
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"
@@ -874,19 +864,27 @@ async fn healthcheck_subcommand_exits_0_when_ready_and_1_otherwise() {
 async fn idle_keep_alive_connections_are_closed() {
     let backend = echo_backend().await;
     let proxy = Proxy::start(backend.addr, &["--header-read-timeout", "0.5"]).await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let (text, open_for) =
+        send_and_wait_for_close(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        open_for < Duration::from_secs(4),
+        "idle connection held open"
+    );
+}
+
+/// Writes `bytes`, then reads until the proxy closes the connection (at most 5 s): what came
+/// back and how long the connection stayed open.
+async fn send_and_wait_for_close(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, Duration) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
-    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "idle connection held open"
-    );
+    (
+        String::from_utf8_lossy(&buf).into_owned(),
+        started.elapsed(),
+    )
 }
 
 /// Peak resident memory of a process, from /proc (Linux).
