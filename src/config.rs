@@ -183,7 +183,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "CHATGATE_WS_MAX_MESSAGE",
-        default_value = "4194304",
+        default_value = "1048576",
         global = true
     )]
     pub ws_max_message: String,
@@ -463,8 +463,28 @@ fn count(flag: &str, value: &str, min: usize, max: usize) -> Result<usize, Confi
     Ok(n)
 }
 
-/// Parses the backend URL: http or https, a host, no path beyond `/`, no query.
+/// Parses the backend URL: http or https, a host, no path beyond `/`, no query. Errors
+/// never repeat the credentials a URL may carry.
 pub fn parse_backend(value: &str) -> Result<Backend, ConfigError> {
+    parse_backend_unredacted(value).map_err(|mut e| {
+        e.value = redact_userinfo(&e.value);
+        e
+    })
+}
+
+/// `scheme://user:pass@host/...` with the `user:pass@` replaced by `***@`.
+fn redact_userinfo(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return value.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => value.to_owned(),
+    }
+}
+
+fn parse_backend_unredacted(value: &str) -> Result<Backend, ConfigError> {
     let uri: Uri = value
         .trim()
         .parse()
@@ -682,7 +702,8 @@ impl Config {
                 &s.ws_handshake_timeout,
             )?,
             shutdown_delay: seconds("shutdown-delay", &s.shutdown_delay)?,
-            shutdown_grace: seconds("shutdown-grace", &s.shutdown_grace)?,
+            // Zero would exit before an open relay's 1001 went out.
+            shutdown_grace: positive_seconds("shutdown-grace", &s.shutdown_grace)?,
             log_format,
         })
     }
@@ -890,6 +911,17 @@ mod tests {
         assert!(!format!("{b:?}").contains("secret"));
         let c = config(&["--backend", "http://u:hunter2@127.0.0.1:9"], &[]).unwrap();
         assert!(!c.describe().contains("hunter2"));
+    }
+
+    #[test]
+    fn backend_errors_never_repeat_credentials() {
+        let err = parse_backend("https://u:secret@host/app")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !err.contains("secret") && err.contains("***@host/app"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl Gateway {
     ) -> Result<(), ProxyError> {
         let path = req.uri().path();
         let engineio = matches!(route, Route::SocketIo { .. })
-            || path.starts_with(self.config.socketio_path.as_str());
+            || is_engineio(path, req.uri().query(), &self.config.socketio_path);
         if self.limits.is_enabled() {
             let probe = is_probe(route);
             if let Some(class) = limit_class(path, req.uri().query(), upgrade, engineio, probe) {
@@ -303,6 +303,20 @@ fn check_request_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// Whether a request is for the backend's Engine.IO endpoint. The backend (uvicorn) routes on
+/// the percent-decoded path, so `/ws/socket%2Eio/` must count as `/ws/socket.io/`; and any
+/// request carrying Engine.IO's `EIO` parameter is treated as one.
+fn is_engineio(path: &str, query: Option<&str>, mount: &str) -> bool {
+    let eio_query = query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with("EIO=")));
+    if eio_query || path.starts_with(mount) {
+        return true;
+    }
+    path.contains('%')
+        && percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .starts_with(mount)
+}
+
 fn route_class(route: Route<'_>, upgrade: bool) -> RouteClass {
     match route {
         _ if upgrade => RouteClass::WebSocket,
@@ -338,6 +352,25 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engineio_is_recognised_however_the_path_is_spelled() {
+        let mount = "/ws/socket.io/";
+        assert!(is_engineio(
+            "/ws/socket.io/",
+            Some("EIO=4&transport=polling"),
+            mount
+        ));
+        assert!(is_engineio("/ws/socket%2Eio/", None, mount));
+        assert!(is_engineio("/ws/socket%2eio/", None, mount));
+        assert!(is_engineio(
+            "/elsewhere",
+            Some("transport=polling&EIO=4"),
+            mount
+        ));
+        assert!(!is_engineio("/", None, mount));
+        assert!(!is_engineio("/assets/socket.io.js", Some("v=1"), mount));
+    }
 
     #[test]
     fn connect_and_foreign_absolute_form_are_refused() {

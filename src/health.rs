@@ -198,8 +198,11 @@ impl BackendProbe {
             }
             Ok(Ok(_)) => Ok(started.elapsed()),
             Ok(Err(e)) if crate::proxy::client::is_refused(&e) => Err("connection refused".into()),
-            // Not HTTP, or no such route: a TCP connect still tells whether it is there.
-            Ok(Err(_)) | Err(_) => self.tcp_probe(started).await,
+            // No answer in time: a wedged backend still completes TCP handshakes from its
+            // listen backlog, so a timeout is a failure, never a reason to try TCP.
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            // Not HTTP: a TCP connect still tells whether it is there.
+            Ok(Err(_)) => self.tcp_probe(started).await,
         }
     }
 

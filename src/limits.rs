@@ -119,7 +119,11 @@ pub fn limit_class(
         return Some(LimitClass::WebSocket);
     }
     if engineio {
-        let in_session = query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with("sid=")));
+        // An empty `sid=` is no session: python-engineio starts a new one for it.
+        let in_session = query.is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv.strip_prefix("sid=").is_some_and(|v| !v.is_empty()))
+        });
         return (!in_session).then_some(LimitClass::EngineIoHandshake);
     }
     if is_static_asset(path) {

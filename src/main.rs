@@ -59,7 +59,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        None => runtime.block_on(serve(config)),
+        None => {
+            let code = runtime.block_on(serve(config));
+            // Work stuck in the blocking pool (a DNS lookup) must not hold the exit past the
+            // grace period.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            code
+        }
     }
 }
 

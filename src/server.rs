@@ -120,7 +120,8 @@ async fn accept(
         Ok((stream, peer)) => {
             let Ok(slot) = Arc::clone(&gateway.connection_slots).try_acquire_owned() else {
                 gateway.metrics.refused_connection();
-                tracing::warn!(client = %peer, limit = gateway.config.max_connections, "connection limit reached");
+                // Counted in the metrics; a line per refusal would turn a flood into a log flood.
+                tracing::debug!(client = %peer, limit = gateway.config.max_connections, "connection limit reached");
                 tokio::spawn(refuse(stream));
                 return;
             };

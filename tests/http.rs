@@ -994,3 +994,27 @@ async fn large_bodies_pass_both_ways_in_bounded_memory() {
 fn text_owned(status: u16, body: String) -> Response<TestBody> {
     Response::builder().status(status).body(full(body)).unwrap()
 }
+
+#[tokio::test]
+async fn a_backend_that_accepts_but_never_answers_is_not_reachable() {
+    // A wedged event loop still completes TCP handshakes from the listen backlog.
+    let (addr, _task) = raw_backend(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let proxy = Proxy::start(addr, &["--health-timeout", "0.2"]).await;
+    eventually("the probe has failed three times", async || {
+        let doc = get(proxy.addr, "/monitor/health").await.unwrap().json();
+        doc["backend"]["consecutive_failures"].as_u64().unwrap_or(0) >= 3
+    })
+    .await;
+    let r = get(proxy.addr, "/monitor/health").await.unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        r.json()["backend"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer")
+    );
+}

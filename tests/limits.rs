@@ -387,3 +387,28 @@ async fn websocket_relays_hold_a_connection_slot_after_the_upgrade() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_encoded_socketio_path_does_not_dodge_the_origin_check() {
+    // uvicorn routes on the decoded path: /ws/socket%2Eio/ reaches Chainlit's Socket.IO.
+    let backend = echo_backend().await;
+    let proxy = Proxy::start(backend.addr, &["--allowed-origins", "https://chat.example"]).await;
+    for path in [
+        "/ws/socket%2Eio/?transport=polling",
+        "/anything?EIO=4&transport=polling",
+    ] {
+        let req = request("GET", proxy.addr, path)
+            .header("origin", "https://evil.example")
+            .body(full(""))
+            .unwrap();
+        assert_eq!(
+            send(proxy.addr, req).await.unwrap().status,
+            StatusCode::FORBIDDEN,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}

@@ -153,9 +153,15 @@ fn resend(head: &Request<()>) -> Request<RequestBody> {
 async fn wait_for_backend(gw: &Gateway, deadline: Instant) -> bool {
     let mut up = gw.backend.subscribe();
     // Re-check often even without a probe verdict: the backend may be up before the probe.
+    // A verdict that is still "up" (the probe has not noticed a restart yet) must not turn
+    // this into a busy loop of refused connects: then just wait out the interval.
     let poll = Duration::from_millis(250);
     let until = (Instant::now() + poll).min(deadline);
-    let _ = tokio::time::timeout_at(until, up.wait_for(|up| *up)).await;
+    if *up.borrow_and_update() {
+        tokio::time::sleep_until(until).await;
+    } else {
+        let _ = tokio::time::timeout_at(until, up.changed()).await;
+    }
     Instant::now() < deadline
 }
 

@@ -9,6 +9,13 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Forwarding headers other than X-Forwarded-For/-Proto/-Host, dropped from untrusted peers.
+const UNTRUSTED_FORWARDING: [&str; 4] = [
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -145,6 +152,10 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) 
         set(headers, &X_FORWARDED_FOR, &peer_text);
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         headers.remove(&X_FORWARDED_HOST);
+        // Other spellings of the same claims, which a backend may also read.
+        for name in UNTRUSTED_FORWARDING {
+            headers.remove(name);
+        }
         copy_host(headers);
     }
 }
@@ -303,8 +314,11 @@ mod tests {
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=6.6.6.6;proto=https"),
+            ("x-real-ip", "6.6.6.6"),
         ]);
         set_forwarded(&mut h, "203.0.113.9".parse().unwrap(), false);
+        assert!(h.get("forwarded").is_none() && h.get("x-real-ip").is_none());
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "chat.example");
