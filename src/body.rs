@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
@@ -144,22 +143,17 @@ impl Body for Watched {
     }
 }
 
-pin_project! {
-    #[project = KindProj]
-    enum Kind {
-        Full { data: Option<Bytes> },
-        Stream { body: Watched },
-    }
+enum Kind {
+    Full { data: Option<Bytes> },
+    Stream { body: Watched },
 }
 
-pin_project! {
-    /// Every response chatgate sends. Carries the request's access log, written when the
-    /// body is done or dropped (a client that went away still gets its line).
-    pub struct ProxyBody {
-        #[pin]
-        kind: Kind,
-        log: Option<AccessLog>,
-    }
+/// Every response chatgate sends. Carries the request's access log, written when the body
+/// is done or dropped (a client that went away still gets its line). `Unpin`, like
+/// everything it holds, so no pin projection is needed.
+pub struct ProxyBody {
+    kind: Kind,
+    log: Option<AccessLog>,
 }
 
 impl ProxyBody {
@@ -202,10 +196,10 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
-        let (polled, ended) = match this.kind.project() {
-            KindProj::Full { data } => (Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))), true),
-            KindProj::Stream { body } => {
+        let this = self.get_mut();
+        let (polled, ended) = match &mut this.kind {
+            Kind::Full { data } => (Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))), true),
+            Kind::Stream { body } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 (polled, body.is_end_stream())
             }
@@ -242,14 +236,11 @@ impl Body for ProxyBody {
     }
 }
 
-pin_project! {
-    /// A request body on its way to the backend: nothing at all (most requests, and the
-    /// only kind that can be resent on a fresh connection), or the client's stream.
-    #[project = RequestBodyProj]
-    pub enum RequestBody {
-        Empty,
-        Stream { body: Watched },
-    }
+/// A request body on its way to the backend: nothing at all (most requests, and the only
+/// kind that can be resent on a fresh connection), or the client's stream.
+pub enum RequestBody {
+    Empty,
+    Stream { body: Watched },
 }
 
 impl Body for RequestBody {
@@ -260,9 +251,9 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.project() {
-            RequestBodyProj::Empty => Poll::Ready(None),
-            RequestBodyProj::Stream { body } => Pin::new(body).poll_frame(cx),
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Stream { body } => Pin::new(body).poll_frame(cx),
         }
     }
 

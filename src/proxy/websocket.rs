@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -198,9 +198,8 @@ pub async fn relay(
         ping_interval: gw.config.ws_ping_interval,
         pong_timeout: gw.config.ws_pong_timeout,
         shutdown: gw.shutdown.clone(),
-        metrics: Some(Arc::clone(&gw.metrics)),
+        metrics: Arc::clone(&gw.metrics),
     };
-    let metrics = Arc::clone(&gw.metrics);
     let mut line = RelayLine {
         path: ctx.uri.path().to_owned(),
         request_id: ctx.request_id.clone(),
@@ -237,7 +236,7 @@ pub async fn relay(
         backend_state
             .websocket_relays
             .fetch_sub(1, Ordering::Relaxed);
-        metrics.websocket_closed(line.stats.close_code);
+        settings.metrics.websocket_closed(line.stats.close_code);
         line.emit();
     });
     Ok(response)
@@ -476,19 +475,18 @@ pub struct RelaySettings {
     pub shutdown: CancellationToken,
     /// Message counts are added here at each keep-alive tick and at the end, not per
     /// message: a long chat shows up within one ping interval, at no per-message cost.
-    pub metrics: Option<Arc<Metrics>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Adds what a relay moved since the last report to the message counters.
 fn report(settings: &RelaySettings, c2b: &Direction, b2c: &Direction, reported: &mut (u64, u64)) {
-    if let Some(metrics) = &settings.metrics {
-        metrics
-            .ws_messages_to_backend
-            .increment(c2b.messages - reported.0);
-        metrics
-            .ws_messages_to_client
-            .increment(b2c.messages - reported.1);
-    }
+    let metrics = &settings.metrics;
+    metrics
+        .ws_messages_to_backend
+        .increment(c2b.messages - reported.0);
+    metrics
+        .ws_messages_to_client
+        .increment(b2c.messages - reported.1);
     *reported = (c2b.messages, b2c.messages);
 }
 
@@ -613,7 +611,6 @@ fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
 /// 1002 for other protocol violations; `None` when the connection itself failed.
 fn offender_code(error: &WsError) -> Option<CloseCode> {
     match error {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some(CloseCode::Size),
         WsError::Capacity(_) => Some(CloseCode::Size),
         WsError::Utf8(_) => Some(CloseCode::Invalid),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
