@@ -1,11 +1,11 @@
-//! The admin listener: `/monitor/metrics` (Prometheus text) and the health routes, on a
-//! port the public ingress does not expose. The public port never serves metrics.
+//! The admin listener: `/monitor/metrics` (Prometheus text) and the probe routes, on a port
+//! the public ingress does not expose. The public port never serves metrics.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -14,7 +14,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
-use crate::gateway::Gateway;
+use crate::error::ProxyError;
+use crate::monitor::{self, Probe};
+use crate::responses;
+use crate::state::Gateway;
 
 /// Serves the admin routes until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, stop: CancellationToken) {
@@ -24,7 +27,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, stop: Cancellat
     );
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(gateway.config.header_read_timeout);
+        .header_read_timeout(gateway.config.server.header_read_timeout);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -47,42 +50,18 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, stop: Cancellat
 }
 
 fn answer(gateway: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            Bytes::from_static(b"method not allowed\n"),
-        );
-    }
-    match req.uri().path() {
-        "/monitor/metrics" => plain(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(gateway.metrics.render(&gateway.backend)),
-        ),
-        "/monitor/health" => {
-            let (status, doc) = gateway.backend.document(&gateway.config.backend.display);
-            plain(status, "application/json", Bytes::from(format!("{doc}\n")))
+    let result = match req.uri().path() {
+        "/monitor/live" => monitor::answer(Probe::Live, req.method(), gateway),
+        "/monitor/health" => monitor::answer(Probe::Health, req.method(), gateway),
+        "/monitor/metrics" if req.method() == Method::GET || req.method() == Method::HEAD => {
+            Ok(responses::with_type(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                Bytes::from(gateway.metrics.render(gateway.gauges())),
+            ))
         }
-        "/monitor/live" => plain(
-            StatusCode::OK,
-            "application/json",
-            Bytes::from_static(b"{\"status\":\"alive\"}\n"),
-        ),
-        _ => plain(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            Bytes::from_static(b"not found\n"),
-        ),
-    }
-}
-
-fn plain(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    response
+        "/monitor/metrics" => Err(ProxyError::MethodNotAllowed),
+        _ => Ok(responses::text(StatusCode::NOT_FOUND, "not found\n")),
+    };
+    result.unwrap_or_else(|error| error.into_response(false))
 }

@@ -2,18 +2,30 @@
 //! message by message, answers the platform's probes, and drains on shutdown.
 //!
 //! `main.rs` parses the configuration and calls [`server::run`]; everything else lives here.
+//! Layers, each importing only from those below it:
+//!
+//! - `server` (accept loop, drain) and `admin` (metrics port) call
+//! - `gateway` (the request pipeline), which calls
+//! - `proxy` (`forward`, `websocket`: moving bytes to the backend) and `monitor` (probes),
+//!   which use
+//! - `state` (shared handles), `backend` (client, probe), `limits`, `telemetry`, `body`,
+//!   `error`, `responses`, and the leaves `config`, `routes`, `metrics`, `proxy::headers`.
 
-pub mod admin;
-pub mod body;
 pub mod config;
-pub mod error;
-pub mod gateway;
-pub mod health;
 pub mod healthcheck;
-pub mod limits;
-pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+
+mod admin;
+mod backend;
+mod body;
+mod error;
+mod gateway;
+mod limits;
+mod metrics;
+mod monitor;
+mod responses;
+mod state;

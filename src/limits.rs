@@ -1,50 +1,15 @@
 //! Abuse controls: per-client rate limits (GCRA, via governor) in three classes, the
 //! `Origin` allow-list for Socket.IO and WebSockets, and which requests each applies to.
+//! The settings they read are parsed in `config::limits`.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use http::HeaderMap;
 
-use crate::metrics::LimitClass;
-
-/// A rate as written in the settings: `N/second`, `N/minute` or `N/hour` (also `s`, `m`,
-/// `h`, `sec`, `min`): at most N requests per period per client, in bursts of up to N.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub count: NonZeroU32,
-    pub period: Duration,
-}
-
-/// Parses a [`Rate`]; `None` for an empty or `off` value.
-pub fn parse_rate(value: &str) -> Result<Option<Rate>, String> {
-    let value = value.trim();
-    if value.is_empty() || value.eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    let (count, unit) = value
-        .split_once('/')
-        .ok_or_else(|| "expected N/second, N/minute or N/hour, e.g. 10/minute".to_owned())?;
-    let count: u32 = count
-        .trim()
-        .parse()
-        .map_err(|_| format!("{count:?} is not a whole number"))?;
-    let count = NonZeroU32::new(count).ok_or_else(|| "the count must be at least 1".to_owned())?;
-    let period = match unit.trim().to_ascii_lowercase().as_str() {
-        "s" | "sec" | "second" => Duration::from_secs(1),
-        "m" | "min" | "minute" => Duration::from_secs(60),
-        "h" | "hour" => Duration::from_secs(3600),
-        other => {
-            return Err(format!(
-                "unknown period {other:?}: use second, minute or hour"
-            ));
-        }
-    };
-    Ok(Some(Rate { count, period }))
-}
+use crate::config::Rate;
 
 fn limiter(rate: Rate) -> DefaultKeyedRateLimiter<IpAddr> {
     let per_cell = rate.period / rate.count.get();
@@ -52,6 +17,30 @@ fn limiter(rate: Rate) -> DefaultKeyedRateLimiter<IpAddr> {
         .unwrap_or_else(|| Quota::per_second(rate.count))
         .allow_burst(rate.count);
     DefaultKeyedRateLimiter::keyed(quota)
+}
+
+/// Which rate limit a request counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitClass {
+    Http,
+    WebSocket,
+    EngineIoHandshake,
+}
+
+impl LimitClass {
+    pub const ALL: [LimitClass; 3] = [
+        LimitClass::Http,
+        LimitClass::WebSocket,
+        LimitClass::EngineIoHandshake,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitClass::Http => "http",
+            LimitClass::WebSocket => "websocket",
+            LimitClass::EngineIoHandshake => "engineio_handshake",
+        }
+    }
 }
 
 /// The configured limiters; a class without a rate is not limited.
@@ -174,44 +163,10 @@ pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     }
 }
 
-/// Normalises an allow-list entry: `scheme://host[:port]`, no path, no trailing slash.
-pub fn parse_origin(entry: &str) -> Result<String, String> {
-    let entry = entry.trim().trim_end_matches('/');
-    let uri: http::Uri = entry
-        .parse()
-        .map_err(|_| format!("{entry:?} is not an origin"))?;
-    match (uri.scheme_str(), uri.authority(), uri.path()) {
-        (Some("http" | "https"), Some(_), "" | "/") if uri.query().is_none() => {
-            Ok(entry.to_ascii_lowercase())
-        }
-        _ => Err(format!(
-            "{entry:?} is not an origin like https://chat.example"
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rates_parse_in_the_seeds_style() {
-        let r = parse_rate("10/minute").unwrap().unwrap();
-        assert_eq!((r.count.get(), r.period), (10, Duration::from_secs(60)));
-        assert_eq!(
-            parse_rate(" 5 / s ").unwrap().unwrap().period,
-            Duration::from_secs(1)
-        );
-        assert_eq!(
-            parse_rate("100/hour").unwrap().unwrap().period,
-            Duration::from_secs(3600)
-        );
-        assert_eq!(parse_rate("").unwrap(), None);
-        assert_eq!(parse_rate("off").unwrap(), None);
-        for bad in ["10", "0/minute", "x/minute", "10/fortnight"] {
-            assert!(parse_rate(bad).is_err(), "{bad}");
-        }
-    }
+    use crate::config::{parse_origin, parse_rate};
 
     #[test]
     fn limits_allow_a_burst_then_refuse_with_a_wait() {
@@ -302,7 +257,5 @@ mod tests {
         h.insert("origin", "null".parse().unwrap());
         assert!(!origin_allowed(&h, &allowed));
         assert!(origin_allowed(&h, &[]), "no list: everything allowed");
-        assert!(parse_origin("chat.example").is_err());
-        assert!(parse_origin("https://chat.example/path").is_err());
     }
 }

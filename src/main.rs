@@ -23,8 +23,11 @@ fn main() -> ExitCode {
     };
     let config = match Config::from_settings(&cli.settings) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("chatgate: {e}");
+        Err(errors) => {
+            // One line per bad setting, each naming its flag and variable.
+            for error in &errors.0 {
+                eprintln!("chatgate: {error}");
+            }
             return ExitCode::from(2);
         }
     };
@@ -45,7 +48,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Healthcheck) => {
             match runtime.block_on(chatgate::healthcheck::check(
-                config.listen,
+                config.server.listen,
                 Duration::from_secs(3),
             )) {
                 Ok(200) => ExitCode::SUCCESS,
@@ -77,17 +80,17 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!(
                 "chatgate: cannot listen on --listen / CHATGATE_LISTEN {}: {e}",
-                config.listen
+                config.server.listen
             );
             return ExitCode::from(2);
         }
     };
-    let admin = match config.admin_listen {
+    let admin = match config.server.admin_listen {
         None => None,
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(admin) => Some(admin),
@@ -99,7 +102,7 @@ async fn serve(config: Config) -> ExitCode {
             }
         },
     };
-    let _log_guard = chatgate::telemetry::init(config.log_format);
+    let _log_guard = chatgate::telemetry::init(config.server.log_format);
     // Each relayed WebSocket holds two descriptors: take all the kernel allows.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::info!(limit, "open-file limit"),

@@ -5,14 +5,11 @@
 //! method, status class, direction, close code; never raw paths or addresses.
 
 use std::sync::OnceLock;
-use std::sync::atomic::Ordering;
 
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-
-use crate::health::BackendState;
 
 /// What a request was, for its labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,22 +59,15 @@ fn method_index(method: &http::Method) -> usize {
         .unwrap_or(7)
 }
 
-/// Which rate limit rejected a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitClass {
-    Http,
-    WebSocket,
-    EngineIoHandshake,
-}
-
-impl LimitClass {
-    pub fn label(self) -> &'static str {
-        match self {
-            LimitClass::Http => "http",
-            LimitClass::WebSocket => "websocket",
-            LimitClass::EngineIoHandshake => "engineio_handshake",
-        }
-    }
+/// The live values behind the gauges, read by the caller when the metrics are scraped:
+/// this module knows no other part of chatgate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub client_connections: usize,
+    pub websocket_relays: usize,
+    pub backend_up: bool,
+    /// Latency of the last successful probe, while the backend is up.
+    pub probe_latency_ms: Option<f64>,
 }
 
 /// Every metric chatgate exports.
@@ -91,7 +81,6 @@ pub struct Metrics {
     pub response_bytes: Counter,
     pub ws_messages_to_backend: Counter,
     pub ws_messages_to_client: Counter,
-    rate_limited: [Counter; 3],
     refused_connections: Counter,
     client_connections: Gauge,
     websocket_relays: Gauge,
@@ -203,7 +192,6 @@ impl Metrics {
             })
             .collect();
         let direction = |d: &'static str| vec![Label::from_static_parts("direction", d)];
-        let class = |c: LimitClass| vec![Label::from_static_parts("class", c.label())];
         Metrics {
             requests: (0..RouteClass::ALL.len() * METHODS.len() * STATUS_CLASSES.len())
                 .map(|_| OnceLock::new())
@@ -219,14 +207,6 @@ impl Metrics {
                 "chatgate_websocket_messages_total",
                 direction("to_client"),
             ),
-            rate_limited: [
-                counter("chatgate_rate_limited_total", class(LimitClass::Http)),
-                counter("chatgate_rate_limited_total", class(LimitClass::WebSocket)),
-                counter(
-                    "chatgate_rate_limited_total",
-                    class(LimitClass::EngineIoHandshake),
-                ),
-            ],
             refused_connections: counter("chatgate_refused_connections_total", vec![]),
             client_connections: gauge("chatgate_client_connections"),
             websocket_relays: gauge("chatgate_websocket_relays"),
@@ -271,13 +251,24 @@ impl Metrics {
         self.response_bytes.increment(body_bytes);
     }
 
-    pub fn rate_limited(&self, class: LimitClass) {
-        let index = match class {
-            LimitClass::Http => 0,
-            LimitClass::WebSocket => 1,
-            LimitClass::EngineIoHandshake => 2,
-        };
-        self.rate_limited[index].increment(1);
+    /// Shows the rate-limit counters at 0 before any refusal, so that `rate()` works from
+    /// the first scrape.
+    pub fn declare_rate_limit_classes(&self, classes: &[&'static str]) {
+        for &class in classes {
+            let labels = vec![Label::from_static_parts("class", class)];
+            self.recorder
+                .register_counter(&key("chatgate_rate_limited_total", labels), &META)
+                .increment(0);
+        }
+    }
+
+    /// Counts a request refused by the rate limit of `class` (a fixed set of labels). Off
+    /// the hot path: only refused requests come here.
+    pub fn rate_limited(&self, class: &'static str) {
+        let labels = vec![Label::from_static_parts("class", class)];
+        self.recorder
+            .register_counter(&key("chatgate_rate_limited_total", labels), &META)
+            .increment(1);
     }
 
     pub fn refused_connection(&self) {
@@ -299,15 +290,14 @@ impl Metrics {
             .increment(1);
     }
 
-    /// The exposition text; gauges are read from the live state first.
-    pub fn render(&self, state: &BackendState) -> String {
+    /// The exposition text, with the gauges set from `gauges` first.
+    pub fn render(&self, gauges: Gauges) -> String {
         self.client_connections
-            .set(state.client_connections.load(Ordering::Relaxed) as f64);
-        self.websocket_relays
-            .set(state.websocket_relays.load(Ordering::Relaxed) as f64);
+            .set(gauges.client_connections as f64);
+        self.websocket_relays.set(gauges.websocket_relays as f64);
         self.backend_up
-            .set(if state.is_reachable() { 1.0 } else { 0.0 });
-        if let Some(ms) = state.latency_ms() {
+            .set(if gauges.backend_up { 1.0 } else { 0.0 });
+        if let Some(ms) = gauges.probe_latency_ms {
             self.probe_latency.set(ms / 1000.0);
         }
         self.handle.render()
@@ -354,8 +344,11 @@ mod tests {
             5,
         );
         m.websocket_closed(Some(4001));
-        m.rate_limited(LimitClass::WebSocket);
-        let text = m.render(&BackendState::default());
+        m.rate_limited("websocket");
+        let text = m.render(Gauges {
+            client_connections: 3,
+            ..Gauges::default()
+        });
         assert!(
             text.contains(
                 r#"chatgate_requests_total{route="backend",method="GET",status="2xx"} 2"#
@@ -381,6 +374,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("chatgate_backend_up 0"), "{text}");
+        assert!(text.contains("chatgate_client_connections 3"), "{text}");
         assert!(text.contains("# HELP chatgate_requests_total"), "{text}");
         assert!(
             text.contains("chatgate_request_duration_seconds_bucket"),

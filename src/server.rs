@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -14,9 +13,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::health::BackendProbe;
 use crate::config::Config;
-use crate::gateway::Gateway;
-use crate::health::BackendProbe;
+use crate::responses::TOO_MANY_CONNECTIONS;
+use crate::state::Gateway;
 
 /// Serves on `listener` (and the metrics on `admin`) until `stop` resolves, then drains.
 /// Returns when every connection and relay has finished or the grace period is over.
@@ -26,12 +26,12 @@ pub async fn run(
     admin: Option<TcpListener>,
     stop: impl Future<Output = ()>,
 ) {
-    let grace = config.shutdown_grace;
-    let delay = config.shutdown_delay;
-    let probe = BackendProbe::new(&config);
+    let grace = config.shutdown.grace;
+    let delay = config.shutdown.delay;
+    let probe = BackendProbe::new(&config.backend, &config.health);
     let gateway = Arc::new(Gateway::new(config));
     let probe_stop = CancellationToken::new();
-    tokio::spawn(probe.run(Arc::clone(&gateway.backend), probe_stop.clone()));
+    tokio::spawn(probe.watch(Arc::clone(&gateway.health), probe_stop.clone()));
     tokio::spawn(housekeeping(Arc::clone(&gateway), probe_stop.clone()));
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(
@@ -42,14 +42,14 @@ pub async fn run(
     }
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(gateway.config.header_read_timeout)
-        .max_headers(gateway.config.max_headers)
-        .max_header_size(gateway.config.max_header_bytes)
+        .header_read_timeout(gateway.config.server.header_read_timeout)
+        .max_headers(gateway.config.server.max_headers)
+        .max_header_size(gateway.config.server.max_header_bytes)
         .keep_alive(true);
     let http = Arc::new(http);
     tracing::info!(
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-        backend = gateway.config.backend.display.as_str(),
+        backend = gateway.config.backend.url.display.as_str(),
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );
@@ -62,7 +62,7 @@ pub async fn run(
         }
     }
 
-    gateway.backend.set_draining();
+    gateway.set_draining();
     tracing::info!(
         delay_s = delay.as_secs_f64(),
         grace_s = grace.as_secs_f64(),
@@ -108,9 +108,6 @@ async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
     }
 }
 
-/// What an over-limit connection gets before it is closed: no parsing, no queueing.
-const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: text/plain\r\ncontent-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n";
-
 async fn accept(
     gateway: &Arc<Gateway>,
     http: &Arc<http1::Builder>,
@@ -121,7 +118,7 @@ async fn accept(
             let Ok(slot) = Arc::clone(&gateway.connection_slots).try_acquire_owned() else {
                 gateway.metrics.refused_connection();
                 // Counted in the metrics; a line per refusal would turn a flood into a log flood.
-                tracing::debug!(client = %peer, limit = gateway.config.max_connections, "connection limit reached");
+                tracing::debug!(client = %peer, limit = gateway.config.limits.max_connections, "connection limit reached");
                 tokio::spawn(refuse(stream));
                 return;
             };
@@ -144,19 +141,11 @@ async fn accept(
 
 async fn refuse(mut stream: TcpStream) {
     use tokio::io::AsyncWriteExt;
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
-}
-
-/// Counts an open client connection for the health document while alive.
-struct ConnectionGuard(Arc<Gateway>);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0
-            .backend
-            .client_connections
-            .fetch_sub(1, Ordering::Relaxed);
-    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(TOO_MANY_CONNECTIONS),
+    )
+    .await;
 }
 
 async fn serve_connection(
@@ -167,13 +156,9 @@ async fn serve_connection(
     // Held for the connection's life: the connection limit.
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    gateway
-        .backend
-        .client_connections
-        .fetch_add(1, Ordering::Relaxed);
-    let guard = ConnectionGuard(Arc::clone(&gateway));
+    let counted = gateway.load.client_connection();
     let shutdown = gateway.shutdown.clone();
-    let service = service_fn(move |req| Arc::clone(&gateway).handle(req, peer));
+    let service = service_fn(move |req| crate::gateway::handle(Arc::clone(&gateway), req, peer));
     let connection = http
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -188,5 +173,5 @@ async fn serve_connection(
     if let Err(e) = result {
         tracing::debug!(error = %e, client = %peer, "client connection ended with an error");
     }
-    drop(guard);
+    drop(counted);
 }

@@ -4,57 +4,19 @@
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Uri};
+use http::{Method, Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::backend::client::{is_refused, proxy_error};
 use crate::body::{BodyError, ProxyBody, RequestBody, Watched};
 use crate::error::ProxyError;
-use crate::gateway::{Gateway, RequestContext};
-use crate::proxy::client::{classify, is_refused};
-use crate::proxy::headers::{X_REQUEST_ID, set_forwarded, strip_hop_by_hop};
-
-/// Rewrites the request head for the backend: its URI, hop-by-hop headers, forwarded
-/// headers, request id and Host.
-pub fn backend_request_head(
-    gw: &Gateway,
-    parts: &mut Parts,
-    ctx: &RequestContext,
-    path_and_query: Option<PathAndQuery>,
-) -> Result<(), ProxyError> {
-    let path_and_query = match path_and_query {
-        Some(pq) => pq,
-        None => parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    };
-    let backend = &gw.config.backend;
-    parts.uri = Uri::builder()
-        .scheme(backend.scheme.clone())
-        .authority(backend.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
-    parts.version = http::Version::HTTP_11;
-    let headers = &mut parts.headers;
-    strip_hop_by_hop(headers);
-    set_forwarded(headers, ctx.peer, ctx.trusted_peer);
-    headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
-    if let Some(host) = &gw.config.backend_host {
-        headers.insert(header::HOST, host.clone());
-    } else if !headers.contains_key(header::HOST) {
-        if let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) {
-            headers.insert(header::HOST, host);
-        }
-    }
-    Ok(())
-}
+use crate::proxy::RequestContext;
+use crate::proxy::headers::{backend_request_head, strip_hop_by_hop};
+use crate::state::Gateway;
 
 /// Whether a request may be sent again after a connection failed before any response byte:
 /// an idempotent method (RFC 9110 §9.2.2) without a body.
@@ -80,17 +42,17 @@ pub async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
     let declared = incoming.size_hint().exact().unwrap_or(0);
-    if declared > gw.config.max_body_bytes {
-        return Err(ProxyError::PayloadTooLarge(gw.config.max_body_bytes));
+    let max_body = gw.config.limits.max_body_bytes;
+    if declared > max_body {
+        return Err(ProxyError::PayloadTooLarge(max_body));
     }
-    backend_request_head(gw, &mut parts, ctx, path_and_query)?;
-    let idle = gw.config.body_idle_timeout;
+    backend_request_head(&mut parts, ctx, &gw.config.backend, path_and_query)?;
+    let idle = gw.config.backend.body_idle_timeout;
     let (body, body_sent) = if incoming.is_end_stream() {
         (RequestBody::Empty, None)
     } else {
-        let limit = gw.config.max_body_bytes;
         let (body, sent) =
-            Watched::request(incoming, idle, limit, gw.metrics.request_bytes.clone());
+            Watched::request(incoming, idle, max_body, gw.metrics.request_bytes.clone());
         (RequestBody::Stream { body }, Some(sent))
     };
     // A bodyless idempotent request keeps a copy of its head, so that a pooled connection
@@ -102,7 +64,7 @@ pub async fn forward(
         *copy.headers_mut() = parts.headers.clone();
         copy
     });
-    let deadline = gw.config.backend_wait.map(|wait| Instant::now() + wait);
+    let deadline = gw.config.backend.wait.map(|wait| Instant::now() + wait);
 
     let mut result = send(gw, Request::from_parts(parts, body), body_sent).await;
     if let Some(head) = retry_head {
@@ -123,7 +85,7 @@ pub async fn forward(
             result = send(gw, resend(&head), None).await;
         }
     }
-    let response = result.map_err(|e| classify_send(&e))?;
+    let response = result.map_err(classify_send)?;
     let (mut parts, incoming) = response.into_parts();
     // An HTTP/1.0 backend must not make the client's connection HTTP/1.0 (and closed).
     parts.version = http::Version::HTTP_11;
@@ -151,7 +113,7 @@ fn resend(head: &Request<()>) -> Request<RequestBody> {
 
 /// Waits until the probe says the backend is up, or `deadline`; true if it came up.
 async fn wait_for_backend(gw: &Gateway, deadline: Instant) -> bool {
-    let mut up = gw.backend.subscribe();
+    let mut up = gw.health.subscribe();
     // Re-check often even without a probe verdict: the backend may be up before the probe.
     // A verdict that is still "up" (the probe has not noticed a restart yet) must not turn
     // this into a busy loop of refused connects: then just wait out the interval.
@@ -172,7 +134,7 @@ async fn send(
     req: Request<RequestBody>,
     body_sent: Option<oneshot::Receiver<()>>,
 ) -> Result<Response<Incoming>, SendError> {
-    let timeout = gw.config.response_timeout;
+    let timeout = gw.config.backend.response_timeout;
     let response = gw.client.request(req);
     tokio::pin!(response);
     if let Some(sent) = body_sent {
@@ -206,7 +168,7 @@ impl SendError {
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SendError::Client(e) => f.write_str(&crate::proxy::client::chain(e)),
+            SendError::Client(e) => f.write_str(&crate::error::chain(e)),
             SendError::Timeout(t) => write!(f, "no response headers within {t:?}"),
         }
     }
@@ -216,17 +178,17 @@ fn is_refused_send(err: &SendError) -> bool {
     matches!(err, SendError::Client(e) if is_refused(e))
 }
 
-fn classify_send(err: &SendError) -> ProxyError {
+fn classify_send(err: SendError) -> ProxyError {
     match err {
         SendError::Client(e) => {
             // The client's own body failing is the client's fault, not the backend's.
-            match request_body_error(e) {
+            match request_body_error(&e) {
                 Some(BodyError::TooLarge(limit)) => ProxyError::PayloadTooLarge(*limit),
                 Some(BodyError::IdleTimeout(idle)) => ProxyError::RequestBodyTimeout(*idle),
-                _ => classify(e),
+                _ => proxy_error(e),
             }
         }
-        SendError::Timeout(t) => ProxyError::BackendTimeout(*t),
+        SendError::Timeout(t) => ProxyError::BackendTimeout(t),
     }
 }
 

@@ -1,9 +1,16 @@
-//! Header rewriting, as pure functions: hop-by-hop stripping, `X-Forwarded-*`, request ids.
+//! Header rewriting, as pure functions: the backend request's head, hop-by-hop stripping,
+//! `X-Forwarded-*`, request ids, cookie hardening.
 
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
 use ipnet::IpNet;
+
+use super::RequestContext;
+use crate::config::BackendConfig;
+use crate::error::ProxyError;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -18,6 +25,45 @@ const UNTRUSTED_FORWARDING: [&str; 4] = [
 ];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Rewrites a client's request head for the backend: the URI (the backend's scheme and
+/// authority, `path_and_query` or the client's own), HTTP/1.1, hop-by-hop headers stripped,
+/// forwarded headers set from `ctx`, the request id, and `Host` (`--backend-host`, else the
+/// client's, else the backend's authority).
+pub fn backend_request_head(
+    parts: &mut Parts,
+    ctx: &RequestContext,
+    backend: &BackendConfig,
+    path_and_query: Option<PathAndQuery>,
+) -> Result<(), ProxyError> {
+    let path_and_query = match path_and_query {
+        Some(pq) => pq,
+        None => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    };
+    parts.uri = Uri::builder()
+        .scheme(backend.url.scheme.clone())
+        .authority(backend.url.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+    parts.version = http::Version::HTTP_11;
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    set_forwarded(headers, ctx.peer, ctx.trusted_peer);
+    headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    if let Some(host) = &backend.host_override {
+        headers.insert(header::HOST, host.clone());
+    } else if !headers.contains_key(header::HOST) {
+        if let Ok(host) = HeaderValue::from_str(backend.url.authority.as_str()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+    Ok(())
+}
 
 /// Removes hop-by-hop fields, RFC 9110 §7.6.1: "Intermediaries MUST parse a received
 /// Connection header field before a message is forwarded and, for each connection-option in
@@ -264,6 +310,135 @@ mod tests {
 
     fn nets(s: &str) -> Vec<IpNet> {
         crate::config::parse_trusted_proxies(s).unwrap()
+    }
+
+    fn backend(args: &[&str]) -> BackendConfig {
+        let argv = std::iter::once("chatgate").chain(args.iter().copied());
+        let cli = crate::config::Cli::parse_with(argv, |_| None).unwrap();
+        crate::config::Config::from_settings(&cli.settings)
+            .unwrap()
+            .backend
+    }
+
+    /// One row of the backend head table: the client's request, who sent it, chatgate's
+    /// settings, and what the backend must receive.
+    struct HeadCase {
+        name: &'static str,
+        target: &'static str,
+        headers: &'static [(&'static str, &'static str)],
+        peer: &'static str,
+        trusted: bool,
+        settings: &'static [&'static str],
+        mapped: Option<&'static str>,
+        uri: &'static str,
+        expect: &'static [(&'static str, Option<&'static str>)],
+    }
+
+    #[test]
+    fn backend_request_head_table() {
+        let cases = [
+            HeadCase {
+                name: "untrusted peer: forwarded headers are ours, Host is kept",
+                target: "/a?b=1",
+                headers: &[
+                    ("host", "chat.example"),
+                    ("x-forwarded-for", "6.6.6.6"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-host", "evil.example"),
+                    ("forwarded", "for=6.6.6.6"),
+                    ("x-real-ip", "6.6.6.6"),
+                    ("connection", "x-hop"),
+                    ("x-hop", "1"),
+                ],
+                peer: "192.0.2.7",
+                trusted: false,
+                settings: &[],
+                mapped: None,
+                uri: "http://127.0.0.1:8080/a?b=1",
+                expect: &[
+                    ("host", Some("chat.example")),
+                    ("x-forwarded-for", Some("192.0.2.7")),
+                    ("x-forwarded-proto", Some("http")),
+                    ("x-forwarded-host", Some("chat.example")),
+                    ("forwarded", None),
+                    ("x-real-ip", None),
+                    ("connection", None),
+                    ("x-hop", None),
+                    ("x-request-id", Some("req-1")),
+                ],
+            },
+            HeadCase {
+                name: "trusted proxy: its chain is appended to and its proto kept",
+                target: "/",
+                headers: &[
+                    ("host", "chat.example"),
+                    ("x-forwarded-for", "203.0.113.9"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-host", "chat.example"),
+                ],
+                peer: "10.0.0.2",
+                trusted: true,
+                settings: &[],
+                mapped: None,
+                uri: "http://127.0.0.1:8080/",
+                expect: &[
+                    ("x-forwarded-for", Some("203.0.113.9, 10.0.0.2")),
+                    ("x-forwarded-proto", Some("https")),
+                    ("x-forwarded-host", Some("chat.example")),
+                ],
+            },
+            HeadCase {
+                name: "--backend-host replaces Host; the mapped path replaces the client's",
+                target: "/socket.io/?EIO=4",
+                headers: &[("host", "chat.example")],
+                peer: "192.0.2.7",
+                trusted: false,
+                settings: &[
+                    "--backend",
+                    "https://app.internal:8443",
+                    "--backend-host",
+                    "app.internal",
+                ],
+                mapped: Some("/ws/socket.io/?EIO=4"),
+                uri: "https://app.internal:8443/ws/socket.io/?EIO=4",
+                expect: &[("host", Some("app.internal"))],
+            },
+            HeadCase {
+                name: "no Host (HTTP/1.0): the backend's authority",
+                target: "/",
+                headers: &[],
+                peer: "192.0.2.7",
+                trusted: false,
+                settings: &[],
+                mapped: None,
+                uri: "http://127.0.0.1:8080/",
+                expect: &[("host", Some("127.0.0.1:8080"))],
+            },
+        ];
+        for case in cases {
+            let mut builder = http::Request::builder().uri(case.target);
+            for (k, v) in case.headers {
+                builder = builder.header(*k, *v);
+            }
+            let (mut parts, ()) = builder.body(()).unwrap().into_parts();
+            let peer: IpAddr = case.peer.parse().unwrap();
+            let ctx = RequestContext {
+                peer,
+                trusted_peer: case.trusted,
+                client: peer,
+                request_id: HeaderValue::from_static("req-1"),
+                uri: parts.uri.clone(),
+                upgrade: false,
+            };
+            let mapped = case.mapped.map(|m| PathAndQuery::try_from(m).unwrap());
+            backend_request_head(&mut parts, &ctx, &backend(case.settings), mapped).unwrap();
+            assert_eq!(parts.uri, case.uri, "{}", case.name);
+            assert_eq!(parts.version, http::Version::HTTP_11, "{}", case.name);
+            for (name, value) in case.expect {
+                let got = parts.headers.get(*name).map(|v| v.to_str().unwrap());
+                assert_eq!(got, *value, "{}: {name}", case.name);
+            }
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The backend probe and the `/monitor/health` document.
+//! The backend probe and its verdict.
 //!
 //! A background task probes the backend on an interval (`GET /health`, which Chainlit ≥ 2.10
 //! answers; a TCP connect when HTTP fails for another reason than a refused connection) and
@@ -6,11 +6,10 @@
 //! read the cache; nothing probes per request.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::Request;
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -18,8 +17,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::Config;
-use crate::proxy::client::{Connector, connector};
+use crate::backend::client::{Connector, connector, is_refused};
+use crate::config::{BackendConfig, HealthConfig};
 
 /// Failures in a row before the backend counts as down.
 pub const FAILURES_TO_DOWN: u32 = 3;
@@ -32,33 +31,25 @@ struct ProbeRecord {
     last_error: Option<String>,
 }
 
-/// The cached verdict, plus live counters for the health document.
+/// The cached verdict on the backend and what the last probes saw.
 #[derive(Debug)]
-pub struct BackendState {
+pub struct BackendHealth {
     /// `true` once a probe succeeded, `false` after 3 failures in a row; `watch` so that
     /// `--backend-wait` can wait for it.
     reachable: watch::Sender<bool>,
     record: Mutex<ProbeRecord>,
-    started: Instant,
-    draining: AtomicBool,
-    pub client_connections: AtomicUsize,
-    pub websocket_relays: AtomicUsize,
 }
 
-impl Default for BackendState {
+impl Default for BackendHealth {
     fn default() -> Self {
-        BackendState {
+        BackendHealth {
             reachable: watch::Sender::new(false),
             record: Mutex::new(ProbeRecord::default()),
-            started: Instant::now(),
-            draining: AtomicBool::new(false),
-            client_connections: AtomicUsize::new(0),
-            websocket_relays: AtomicUsize::new(0),
         }
     }
 }
 
-impl BackendState {
+impl BackendHealth {
     pub fn is_reachable(&self) -> bool {
         *self.reachable.borrow()
     }
@@ -73,14 +64,6 @@ impl BackendState {
 
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.reachable.subscribe()
-    }
-
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
     }
 
     /// Folds one probe's outcome into the verdict.
@@ -114,46 +97,28 @@ impl BackendState {
         }
     }
 
-    /// The health document and its status: 200 when the backend is reachable and we are not
-    /// draining, 503 otherwise.
-    pub fn document(&self, backend_url: &str) -> (StatusCode, serde_json::Value) {
+    /// The `backend` object of the health document.
+    pub fn report(&self, backend_url: &str) -> serde_json::Value {
         let record = self
             .record
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let reachable = self.is_reachable();
-        let draining = self.is_draining();
-        let (status, code) = match (draining, reachable) {
-            (true, _) => ("draining", StatusCode::SERVICE_UNAVAILABLE),
-            (false, true) => ("ok", StatusCode::OK),
-            (false, false) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
-        };
         let last_checked = record
             .last_checked
             .map(|t| humantime::format_rfc3339_millis(t).to_string());
-        let doc = json!({
-            "status": status,
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": self.started.elapsed().as_secs(),
-            "backend": {
-                "url": backend_url,
-                "reachable": reachable,
-                "latency_ms": record.latency_ms,
-                "last_checked": last_checked,
-                "consecutive_failures": record.consecutive_failures,
-                "last_error": record.last_error,
-            },
-            "connections": {
-                "clients": self.client_connections.load(Ordering::Relaxed),
-                "websockets": self.websocket_relays.load(Ordering::Relaxed),
-            },
-        });
-        (code, doc)
+        json!({
+            "url": backend_url,
+            "reachable": self.is_reachable(),
+            "latency_ms": record.latency_ms,
+            "last_checked": last_checked,
+            "consecutive_failures": record.consecutive_failures,
+            "last_error": record.last_error,
+        })
     }
 }
 
-/// Probes the backend until `stop` resolves.
+/// Probes the backend until told to stop.
 pub struct BackendProbe {
     client: Client<Connector, Empty<Bytes>>,
     url: http::Uri,
@@ -164,24 +129,24 @@ pub struct BackendProbe {
 }
 
 impl BackendProbe {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(backend: &BackendConfig, health: &HealthConfig) -> Self {
         // No pooling: each probe should prove that a new connection can be made.
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .build(connector(config));
+            .build(connector(backend));
         let url = http::Uri::builder()
-            .scheme(config.backend.scheme.clone())
-            .authority(config.backend.authority.clone())
-            .path_and_query(config.health_path.as_str())
+            .scheme(backend.url.scheme.clone())
+            .authority(backend.url.authority.clone())
+            .path_and_query(health.path.as_str())
             .build()
             .unwrap_or_default();
         BackendProbe {
             client,
             url,
-            host: config.backend.host.clone(),
-            port: config.backend.port,
-            timeout: config.health_timeout,
-            interval: config.health_interval,
+            host: backend.url.host.clone(),
+            port: backend.url.port,
+            timeout: health.timeout,
+            interval: health.interval,
         }
     }
 
@@ -197,7 +162,7 @@ impl BackendProbe {
                 Err(format!("backend health answered {}", response.status()))
             }
             Ok(Ok(_)) => Ok(started.elapsed()),
-            Ok(Err(e)) if crate::proxy::client::is_refused(&e) => Err("connection refused".into()),
+            Ok(Err(e)) if is_refused(&e) => Err("connection refused".into()),
             // No answer in time: a wedged backend still completes TCP handshakes from its
             // listen backlog, so a timeout is a failure, never a reason to try TCP.
             Err(_) => Err(format!("no answer within {:?}", self.timeout)),
@@ -220,9 +185,10 @@ impl BackendProbe {
         }
     }
 
-    pub async fn run(
+    /// Probes on the interval, folding each outcome into `health`, until `stop`.
+    pub async fn watch(
         self,
-        state: std::sync::Arc<BackendState>,
+        health: std::sync::Arc<BackendHealth>,
         stop: tokio_util::sync::CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(self.interval);
@@ -233,7 +199,7 @@ impl BackendProbe {
                 _ = ticker.tick() => {}
             }
             let outcome = self.probe_once().await;
-            state.record(outcome);
+            health.record(outcome);
         }
     }
 }
@@ -244,34 +210,28 @@ mod tests {
 
     #[test]
     fn down_after_three_failures_up_after_one_success() {
-        let state = BackendState::default();
-        assert!(!state.is_reachable());
-        state.record(Ok(Duration::from_millis(2)));
-        assert!(state.is_reachable());
-        state.record(Err("refused".into()));
-        state.record(Err("refused".into()));
-        assert!(state.is_reachable(), "two failures are not enough");
-        state.record(Err("refused".into()));
-        assert!(!state.is_reachable());
-        state.record(Ok(Duration::from_millis(1)));
-        assert!(state.is_reachable());
+        let health = BackendHealth::default();
+        assert!(!health.is_reachable());
+        health.record(Ok(Duration::from_millis(2)));
+        assert!(health.is_reachable());
+        health.record(Err("refused".into()));
+        health.record(Err("refused".into()));
+        assert!(health.is_reachable(), "two failures are not enough");
+        health.record(Err("refused".into()));
+        assert!(!health.is_reachable());
+        health.record(Ok(Duration::from_millis(1)));
+        assert!(health.is_reachable());
     }
 
     #[test]
-    fn document_reports_state_and_draining() {
-        let state = BackendState::default();
-        let (code, doc) = state.document("http://127.0.0.1:8080");
-        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(doc["status"], "unavailable");
-        state.record(Ok(Duration::from_micros(1500)));
-        let (code, doc) = state.document("http://127.0.0.1:8080");
-        assert_eq!(code, StatusCode::OK);
-        assert_eq!(doc["backend"]["reachable"], true);
-        assert_eq!(doc["backend"]["latency_ms"], 1.5);
-        assert!(doc["backend"]["last_checked"].is_string());
-        state.set_draining();
-        let (code, doc) = state.document("http://127.0.0.1:8080");
-        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(doc["status"], "draining");
+    fn report_shows_the_last_probe() {
+        let health = BackendHealth::default();
+        assert_eq!(health.report("http://127.0.0.1:8080")["reachable"], false);
+        health.record(Ok(Duration::from_micros(1500)));
+        let report = health.report("http://127.0.0.1:8080");
+        assert_eq!(report["reachable"], true);
+        assert_eq!(report["latency_ms"], 1.5);
+        assert!(report["last_checked"].is_string());
+        assert_eq!(report["url"], "http://127.0.0.1:8080");
     }
 }

@@ -1,0 +1,106 @@
+//! The probe routes, `/monitor/live` and `/monitor/health`, answered the same way on the
+//! public and the admin listener.
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use serde_json::json;
+
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::responses;
+use crate::state::Gateway;
+
+/// Which probe route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Liveness: 200 whenever the process serves.
+    Live,
+    /// Readiness: 200 while the backend is reachable and chatgate is not draining.
+    Health,
+}
+
+/// Answers a probe; only `GET` and `HEAD` are allowed.
+pub fn answer(
+    probe: Probe,
+    method: &Method,
+    gateway: &Gateway,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    Ok(match probe {
+        Probe::Live => responses::json(
+            StatusCode::OK,
+            Bytes::from_static(b"{\"status\":\"alive\"}\n"),
+        ),
+        Probe::Health => {
+            let (status, doc) = health_document(gateway);
+            responses::json(status, Bytes::from(format!("{doc}\n")))
+        }
+    })
+}
+
+/// The readiness document and its status: 200 when the backend is reachable and we are not
+/// draining, 503 otherwise.
+pub fn health_document(gateway: &Gateway) -> (StatusCode, serde_json::Value) {
+    let reachable = gateway.health.is_reachable();
+    let (status, code) = match (gateway.is_draining(), reachable) {
+        (true, _) => ("draining", StatusCode::SERVICE_UNAVAILABLE),
+        (false, true) => ("ok", StatusCode::OK),
+        (false, false) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
+    };
+    let gauges = gateway.gauges();
+    let doc = json!({
+        "status": status,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": gateway.uptime().as_secs(),
+        "backend": gateway.health.report(&gateway.config.backend.url.display),
+        "connections": {
+            "clients": gauges.client_connections,
+            "websockets": gauges.websocket_relays,
+        },
+    });
+    (code, doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cli, Config};
+    use std::time::Duration;
+
+    fn gateway() -> Gateway {
+        let cli = Cli::parse_with(["chatgate"], |_| None).unwrap();
+        Gateway::new(Config::from_settings(&cli.settings).unwrap())
+    }
+
+    #[tokio::test]
+    async fn document_reports_state_and_draining() {
+        let gw = gateway();
+        let (code, doc) = health_document(&gw);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(doc["status"], "unavailable");
+        gw.health.record(Ok(Duration::from_micros(1500)));
+        let (code, doc) = health_document(&gw);
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(doc["backend"]["reachable"], true);
+        assert_eq!(doc["backend"]["latency_ms"], 1.5);
+        let _relay = gw.load.websocket_relay();
+        let (_, doc) = health_document(&gw);
+        assert_eq!(doc["connections"]["websockets"], 1);
+        gw.set_draining();
+        let (code, doc) = health_document(&gw);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(doc["status"], "draining");
+    }
+
+    #[tokio::test]
+    async fn probes_take_only_get_and_head() {
+        let gw = gateway();
+        assert!(answer(Probe::Live, &Method::HEAD, &gw).is_ok());
+        assert!(matches!(
+            answer(Probe::Health, &Method::POST, &gw),
+            Err(ProxyError::MethodNotAllowed)
+        ));
+    }
+}

@@ -1,0 +1,147 @@
+//! The WebSocket relay: a client's upgrade is answered only after the backend accepted its
+//! own (RFC 6455 §4), then messages travel one by one through tokio-tungstenite on both
+//! legs, so that chatgate can count, limit, keep alive and close them properly.
+//!
+//! `handshake.rs` holds the opening handshake of both legs, `pump.rs` the message pump and
+//! its close policy, `stats.rs` the relay's counts and access line; this file wires them.
+
+pub mod handshake;
+pub mod pump;
+pub mod stats;
+
+use std::sync::Arc;
+
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::backend::client::connect_stream;
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::proxy::RequestContext;
+use crate::proxy::headers::backend_request_head;
+use crate::state::Gateway;
+use handshake::{
+    BackendAnswer, backend_handshake, backend_handshake_request, switching_protocols,
+    validate_handshake,
+};
+use pump::{CLOSE_TIMEOUT, RelaySettings, close_frame};
+use stats::{RelayLine, RelayStats};
+
+pub use handshake::is_upgrade_request;
+
+/// Each leg's read buffer. tungstenite allocates it eagerly (default 128 KiB, ~256 KiB per
+/// relay); chat messages are small, and a larger message just takes more reads.
+pub const READ_BUFFER: usize = 1024;
+/// Bytes of small messages gathered before a write; a flush happens anyway whenever the
+/// sending side has nothing more ready, so this only batches bursts.
+pub const WRITE_BUFFER: usize = 8 * 1024;
+
+/// Relays a WebSocket upgrade: backend first, then the client's 101, then messages.
+pub async fn relay(
+    gw: &Gateway,
+    mut req: Request<Incoming>,
+    ctx: &RequestContext,
+    path_and_query: Option<PathAndQuery>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let client_key = validate_handshake(&req)?;
+    if gw.shutdown.is_cancelled() || gw.is_draining() {
+        return Err(ProxyError::Draining);
+    }
+    // The relay outlives the HTTP connection it came on (hyper lets go of it at the
+    // upgrade), so it holds a connection slot of its own.
+    let slot = Arc::clone(&gw.connection_slots)
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::Overloaded)?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, _body) = req.into_parts();
+    let backend = &gw.config.backend;
+    backend_request_head(&mut parts, ctx, backend, path_and_query)?;
+    let ws_scheme = if backend.url.is_https() { "wss" } else { "ws" };
+    let backend_uri = Uri::builder()
+        .scheme(ws_scheme)
+        .authority(backend.url.authority.clone())
+        .path_and_query(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        )
+        .build()
+        .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+    let request = backend_handshake_request(backend_uri, parts.headers);
+
+    let config = ws_config(gw);
+    let mut stream = connect_stream(backend, &gw.tls).await?;
+    let timeout = gw.config.websocket.handshake_timeout;
+    let (backend_headers, leftover) =
+        match tokio::time::timeout(timeout, backend_handshake(&mut stream, &request)).await {
+            Err(_) => return Err(ProxyError::BackendTimeout(timeout)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(BackendAnswer::Refused(refusal))) => return Ok(*refusal),
+            Ok(Ok(BackendAnswer::Accepted { headers, leftover })) => (headers, leftover),
+        };
+    // Built from what was read, so that `read_buffer_size` applies to this leg too
+    // (tungstenite's own client handshake would leave its 4 KiB read buffer behind).
+    let backend_ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Client, Some(config)).await;
+
+    let response = switching_protocols(&client_key, &backend_headers);
+    let settings = RelaySettings {
+        ping_interval: gw.config.websocket.ping_interval,
+        pong_timeout: gw.config.websocket.pong_timeout,
+        shutdown: gw.shutdown.clone(),
+        metrics: Arc::clone(&gw.metrics),
+    };
+    let mut line = RelayLine {
+        path: ctx.uri.path().to_owned(),
+        request_id: ctx.request_id.clone(),
+        client: ctx.client,
+        started: Instant::now(),
+        stats: RelayStats::default(),
+    };
+    let counted = gw.load.websocket_relay();
+    gw.tasks.spawn(async move {
+        let _slot = slot;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let client_ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                line.stats = pump::pump(client_ws, backend_ws, &settings).await;
+            }
+            Err(e) => {
+                line.stats.error = Some(format!("client upgrade failed: {e}"));
+                let mut backend_ws = backend_ws;
+                let _ = tokio::time::timeout(
+                    CLOSE_TIMEOUT,
+                    backend_ws.close(Some(close_frame(CloseCode::Away, "client went away"))),
+                )
+                .await;
+            }
+        }
+        drop(counted);
+        settings.metrics.websocket_closed(line.stats.close_code);
+        line.emit();
+    });
+    Ok(response)
+}
+
+fn ws_config(gw: &Gateway) -> WebSocketConfig {
+    let limits = &gw.config.websocket;
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + limits.max_message + 64)
+        .max_message_size(Some(limits.max_message))
+        .max_frame_size(Some(limits.max_frame))
+}

@@ -1,0 +1,126 @@
+//! The shared state: handles built once at start-up and read by every connection. No
+//! request logic lives here; the pipeline is in `gateway.rs`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::client::{BackendClient, backend_client, tls_config};
+use crate::backend::health::BackendHealth;
+use crate::config::Config;
+use crate::limits::{LimitClass, RateLimits};
+use crate::metrics::{Gauges, Metrics};
+
+/// Everything a request handler needs, shared by all connections.
+pub struct Gateway {
+    pub config: Config,
+    /// The pooled client for plain HTTP exchanges.
+    pub client: BackendClient,
+    /// TLS for the WebSocket leg to an `https://` backend.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The probe's verdict on the backend.
+    pub health: Arc<BackendHealth>,
+    /// What chatgate carries right now.
+    pub load: Arc<ProxyLoad>,
+    /// Cancelled on shutdown: connections drain, relays close with 1001.
+    pub shutdown: CancellationToken,
+    /// Client connections and WebSocket relays, waited for on shutdown.
+    pub tasks: TaskTracker,
+    pub metrics: Arc<Metrics>,
+    pub limits: RateLimits,
+    /// One permit per open client connection or relay (`--max-connections`).
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
+    started: Instant,
+    draining: AtomicBool,
+}
+
+/// Live counts of what chatgate carries, for the health document and the gauges.
+#[derive(Debug, Default)]
+pub struct ProxyLoad {
+    pub client_connections: AtomicUsize,
+    pub websocket_relays: AtomicUsize,
+}
+
+impl ProxyLoad {
+    /// Counts an open client connection until the returned guard is dropped.
+    pub fn client_connection(self: &Arc<Self>) -> LoadGuard {
+        LoadGuard::new(Arc::clone(self), |load| &load.client_connections)
+    }
+
+    /// Counts an open WebSocket relay until the returned guard is dropped.
+    pub fn websocket_relay(self: &Arc<Self>) -> LoadGuard {
+        LoadGuard::new(Arc::clone(self), |load| &load.websocket_relays)
+    }
+}
+
+/// One unit of [`ProxyLoad`], given back when dropped.
+pub struct LoadGuard {
+    load: Arc<ProxyLoad>,
+    counter: fn(&ProxyLoad) -> &AtomicUsize,
+}
+
+impl LoadGuard {
+    fn new(load: Arc<ProxyLoad>, counter: fn(&ProxyLoad) -> &AtomicUsize) -> LoadGuard {
+        counter(&load).fetch_add(1, Ordering::Relaxed);
+        LoadGuard { load, counter }
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        (self.counter)(&self.load).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Gateway {
+        let limits = RateLimits::new(
+            config.limits.rate_http,
+            config.limits.rate_websocket,
+            config.limits.rate_engineio,
+        );
+        let metrics = Metrics::new();
+        metrics.declare_rate_limit_classes(&LimitClass::ALL.map(LimitClass::label));
+        let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
+        Gateway {
+            client: backend_client(&config.backend),
+            tls: Arc::new(tls_config()),
+            config,
+            health: Arc::new(BackendHealth::default()),
+            load: Arc::new(ProxyLoad::default()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            metrics: Arc::new(metrics),
+            limits,
+            connection_slots,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on readiness answers 503 and new WebSockets are refused.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// The gauges' values right now.
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            client_connections: self.load.client_connections.load(Ordering::Relaxed),
+            websocket_relays: self.load.websocket_relays.load(Ordering::Relaxed),
+            backend_up: self.health.is_reachable(),
+            probe_latency_ms: self.health.latency_ms(),
+        }
+    }
+}
