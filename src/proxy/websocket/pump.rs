@@ -402,3 +402,177 @@ async fn finish<F, T>(
 async fn drain<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) {
     while let Some(Ok(_)) = ws.next().await {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    const INTERVAL: Duration = Duration::from_secs(30);
+    const TIMEOUT: Duration = Duration::from_secs(20);
+
+    #[test]
+    fn keepalive_pings_an_idle_client_and_gives_up_on_a_silent_one() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(INTERVAL, TIMEOUT, t0);
+        // Early tick: wait for the rest of the interval.
+        assert_eq!(
+            k.tick(t0 + Duration::from_secs(10), true),
+            Tick::WaitUntil(t0 + INTERVAL)
+        );
+        // Idle for the interval: ping, then wait for the answer.
+        assert_eq!(
+            k.tick(t0 + INTERVAL, true),
+            Tick::Ping {
+                next: t0 + INTERVAL + TIMEOUT
+            }
+        );
+        // Still silent when the timeout is up: give up.
+        assert_eq!(k.tick(t0 + INTERVAL + TIMEOUT, true), Tick::TimedOut);
+    }
+
+    #[test]
+    fn keepalive_an_answer_resets_the_clock() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(INTERVAL, TIMEOUT, t0);
+        assert!(matches!(k.tick(t0 + INTERVAL, true), Tick::Ping { .. }));
+        let answered = t0 + INTERVAL + Duration::from_secs(1);
+        k.client_frame(answered);
+        assert_eq!(
+            k.tick(t0 + INTERVAL + TIMEOUT, true),
+            Tick::WaitUntil(answered + INTERVAL)
+        );
+    }
+
+    #[test]
+    fn keepalive_does_not_queue_a_ping_behind_a_pending_message() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(INTERVAL, TIMEOUT, t0);
+        assert_eq!(
+            k.tick(t0 + INTERVAL, false),
+            Tick::WaitUntil(t0 + INTERVAL + INTERVAL)
+        );
+    }
+
+    /// A relay over in-memory pipes: (client peer, backend peer, the pump's task).
+    async fn relay(
+        ping_interval: Duration,
+        pong_timeout: Duration,
+    ) -> (
+        WebSocketStream<DuplexStream>,
+        WebSocketStream<DuplexStream>,
+        tokio::task::JoinHandle<RelayStats>,
+        CancellationToken,
+    ) {
+        let (client_peer, client_leg) = tokio::io::duplex(64 * 1024);
+        let (backend_leg, backend_peer) = tokio::io::duplex(64 * 1024);
+        let ws = |io, role| WebSocketStream::from_raw_socket(io, role, None);
+        let client_peer = ws(client_peer, Role::Client).await;
+        let client_leg = ws(client_leg, Role::Server).await;
+        let backend_leg = ws(backend_leg, Role::Client).await;
+        let backend_peer = ws(backend_peer, Role::Server).await;
+        let shutdown = CancellationToken::new();
+        let settings = RelaySettings {
+            ping_interval,
+            pong_timeout,
+            shutdown: shutdown.clone(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let task = tokio::spawn(async move { pump(client_leg, backend_leg, &settings).await });
+        (client_peer, backend_peer, task, shutdown)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_travel_both_ways_and_the_close_code_comes_back() {
+        let (mut client, mut backend, task, _shutdown) = relay(INTERVAL, TIMEOUT).await;
+        client.send(Message::text("42[\"hello\"]")).await.unwrap();
+        assert_eq!(
+            backend.next().await.unwrap().unwrap(),
+            Message::text("42[\"hello\"]")
+        );
+        backend
+            .send(Message::binary(vec![1u8, 2, 3]))
+            .await
+            .unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::binary(vec![1u8, 2, 3])
+        );
+        backend
+            .send(Message::Close(Some(close_frame(
+                CloseCode::Library(4001),
+                "bye",
+            ))))
+            .await
+            .unwrap();
+        match client.next().await.unwrap().unwrap() {
+            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 4001),
+            other => panic!("expected the backend's close, got {other:?}"),
+        }
+        drop(client);
+        let stats = task.await.unwrap();
+        assert_eq!(stats.closed_by, "backend");
+        assert_eq!(stats.close_code, Some(4001));
+        assert_eq!(stats.client_to_backend.messages, 1);
+        assert_eq!(stats.backend_to_client.bytes, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_answers_a_ping_is_closed_with_1001() {
+        let (client, mut backend, task, _shutdown) = relay(INTERVAL, TIMEOUT).await;
+        // The client never reads, so it never answers: paused time runs to the timeout.
+        let stats = task.await.unwrap();
+        assert_eq!(stats.closed_by, "proxy");
+        assert_eq!(stats.close_code, Some(1001));
+        match backend.next().await.unwrap().unwrap() {
+            Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
+            other => panic!("expected 1001 to the backend, got {other:?}"),
+        }
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_pings_stays() {
+        let (mut client, mut backend, task, _shutdown) = relay(INTERVAL, TIMEOUT).await;
+        // Reading answers pings (tungstenite queues the pong, written on the next flush).
+        let reader = tokio::spawn(async move {
+            let mut pings = 0;
+            while let Some(Ok(message)) = client.next().await {
+                if let Message::Ping(_) = message {
+                    pings += 1;
+                    client.flush().await.unwrap();
+                }
+                if pings == 3 {
+                    client.send(Message::text("still here")).await.unwrap();
+                    return client;
+                }
+            }
+            panic!("relay ended before three pings");
+        });
+        let mut client = reader.await.unwrap();
+        assert_eq!(
+            backend.next().await.unwrap().unwrap(),
+            Message::text("still here"),
+            "our keep-alive pongs are not relayed"
+        );
+        assert!(!task.is_finished());
+        client.close(None).await.unwrap();
+        let stats = task.await.unwrap();
+        assert_eq!(stats.closed_by, "client");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_both_sides_with_1001() {
+        let (mut client, mut backend, task, shutdown) = relay(INTERVAL, TIMEOUT).await;
+        shutdown.cancel();
+        for side in [&mut client, &mut backend] {
+            match side.next().await.unwrap().unwrap() {
+                Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
+                other => panic!("expected 1001, got {other:?}"),
+            }
+        }
+        drop((client, backend));
+        assert_eq!(task.await.unwrap().close_code, Some(1001));
+    }
+}
