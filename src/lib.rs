@@ -22,6 +22,7 @@ pub mod telemetry;
 mod admin;
 mod backend;
 mod body;
+mod chat;
 mod error;
 mod gateway;
 mod limits;

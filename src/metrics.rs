@@ -86,6 +86,10 @@ pub struct Metrics {
     websocket_relays: Gauge,
     backend_up: Gauge,
     probe_latency: Gauge,
+    chat_messages: Counter,
+    chat_answers_in_progress: Gauge,
+    chat_first_token: Histogram,
+    chat_answer_duration: Histogram,
 }
 
 fn key(name: &'static str, labels: Vec<Label>) -> Key {
@@ -174,6 +178,31 @@ impl Metrics {
             None,
             "Connections refused at the connection limit.",
         );
+        describe(
+            "chatgate_chat_messages_total",
+            None,
+            "Chat messages from users (Chainlit client_message, edit_message) passed to the backend.",
+        );
+        describe(
+            "chatgate_chat_answers_in_progress",
+            None,
+            "Answers Chainlit is working on (task_start seen, task_end not yet).",
+        );
+        describe(
+            "chatgate_chat_time_to_first_token_seconds",
+            Some(Unit::Seconds),
+            "Time from a user's message to the first part of the answer (stream_start, stream_token or new_message).",
+        );
+        describe(
+            "chatgate_chat_answer_duration_seconds",
+            Some(Unit::Seconds),
+            "Time from task_start to task_end.",
+        );
+        describe(
+            "chatgate_chat_refused_total",
+            None,
+            "Chat messages not passed to the backend, by reason (rate, session_answers, answers, draining).",
+        );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
             recorder.register_counter(&key(name, labels), &META)
@@ -212,6 +241,14 @@ impl Metrics {
             websocket_relays: gauge("chatgate_websocket_relays"),
             backend_up: gauge("chatgate_backend_up"),
             probe_latency: gauge("chatgate_backend_probe_latency_seconds"),
+            chat_messages: counter("chatgate_chat_messages_total", vec![]),
+            chat_answers_in_progress: gauge("chatgate_chat_answers_in_progress"),
+            chat_first_token: recorder.register_histogram(
+                &key("chatgate_chat_time_to_first_token_seconds", vec![]),
+                &META,
+            ),
+            chat_answer_duration: recorder
+                .register_histogram(&key("chatgate_chat_answer_duration_seconds", vec![]), &META),
             handle,
             recorder,
         }
@@ -249,6 +286,46 @@ impl Metrics {
             histogram.record(seconds);
         }
         self.response_bytes.increment(body_bytes);
+    }
+
+    pub fn chat_message(&self) {
+        self.chat_messages.increment(1);
+    }
+
+    pub fn chat_first_token(&self, took: std::time::Duration) {
+        self.chat_first_token.record(took.as_secs_f64());
+    }
+
+    pub fn chat_answer_started(&self) {
+        self.chat_answers_in_progress.increment(1.0);
+    }
+
+    pub fn chat_answer_ended(&self, took: std::time::Duration) {
+        self.chat_answers_in_progress.decrement(1.0);
+        self.chat_answer_duration.record(took.as_secs_f64());
+    }
+
+    /// Answers still open when their session ended: no longer in progress, never timed.
+    pub fn chat_answers_abandoned(&self, count: usize) {
+        self.chat_answers_in_progress.decrement(count as f64);
+    }
+
+    /// Counts a chat message refused for `reason` (a fixed set of labels).
+    pub fn chat_refused(&self, reason: &'static str) {
+        let labels = vec![Label::from_static_parts("reason", reason)];
+        self.recorder
+            .register_counter(&key("chatgate_chat_refused_total", labels), &META)
+            .increment(1);
+    }
+
+    /// Shows the chat refusal counters at 0 before any refusal.
+    pub fn declare_chat_refusal_reasons(&self, reasons: &[&'static str]) {
+        for &reason in reasons {
+            let labels = vec![Label::from_static_parts("reason", reason)];
+            self.recorder
+                .register_counter(&key("chatgate_chat_refused_total", labels), &META)
+                .increment(0);
+        }
     }
 
     /// Shows the rate-limit counters at 0 before any refusal, so that `rate()` works from

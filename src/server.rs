@@ -105,6 +105,7 @@ async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
         }
         gateway.metrics.upkeep();
         gateway.limits.forget_idle_clients();
+        gateway.chat.limits.forget_idle_clients();
     }
 }
 

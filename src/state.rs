@@ -10,6 +10,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::client::{BackendClient, backend_client, tls_config};
 use crate::backend::health::BackendHealth;
+use crate::chat::Chat;
+use crate::chat::limits::{ChatLimits, Refusal};
 use crate::config::Config;
 use crate::limits::{LimitClass, RateLimits};
 use crate::metrics::{Gauges, Metrics};
@@ -31,6 +33,8 @@ pub struct Gateway {
     pub tasks: TaskTracker,
     pub metrics: Arc<Metrics>,
     pub limits: RateLimits,
+    /// The chat-aware edge's limits and counts, shared by every relay.
+    pub chat: Arc<Chat>,
     /// One permit per open client connection or relay (`--max-connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     started: Instant,
@@ -82,8 +86,18 @@ impl Gateway {
             config.limits.rate_websocket,
             config.limits.rate_engineio,
         );
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         metrics.declare_rate_limit_classes(&LimitClass::ALL.map(LimitClass::label));
+        metrics.declare_chat_refusal_reasons(&Refusal::LABELS);
+        let chat = Arc::new(Chat {
+            observe: config.chat.observe,
+            limits: ChatLimits::new(
+                config.chat.rate_limit,
+                config.chat.max_answers_per_session,
+                config.chat.max_answers,
+            ),
+            metrics: Arc::clone(&metrics),
+        });
         let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
         Gateway {
             client: backend_client(&config.backend),
@@ -93,8 +107,9 @@ impl Gateway {
             load: Arc::new(ProxyLoad::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            metrics: Arc::new(metrics),
+            metrics,
             limits,
+            chat,
             connection_slots,
             started: Instant::now(),
             draining: AtomicBool::new(false),

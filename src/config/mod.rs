@@ -10,6 +10,7 @@
 //! mutating the process environment (which races between tests and is `unsafe` in 2024).
 
 mod backend;
+mod chat;
 mod health;
 mod limits;
 mod routes;
@@ -23,6 +24,7 @@ use std::ffi::OsString;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use backend::{BackendConfig, BackendSettings, BackendUrl, parse_backend};
+pub use chat::{ChatConfig, ChatSettings};
 pub use health::{HealthConfig, HealthSettings};
 pub use limits::{
     LimitsConfig, LimitsSettings, Rate, parse_origin, parse_rate, parse_trusted_proxies,
@@ -75,6 +77,8 @@ pub struct Settings {
     pub limits: LimitsSettings,
     #[command(flatten)]
     pub shutdown: ShutdownSettings,
+    #[command(flatten)]
+    pub chat: ChatSettings,
 }
 
 impl Cli {
@@ -112,6 +116,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub limits: LimitsConfig,
     pub shutdown: ShutdownConfig,
+    pub chat: ChatConfig,
 }
 
 impl Config {
@@ -125,7 +130,10 @@ impl Config {
         let websocket = WebSocketConfig::validate(&s.websocket, &mut problems);
         let limits = LimitsConfig::validate(&s.limits, &mut problems);
         let shutdown = ShutdownConfig::validate(&s.shutdown, &mut problems);
-        match (server, backend, routes, health, websocket, limits, shutdown) {
+        let chat = ChatConfig::validate(&s.chat, &mut problems);
+        match (
+            server, backend, routes, health, websocket, limits, shutdown, chat,
+        ) {
             (
                 Some(server),
                 Some(backend),
@@ -134,6 +142,7 @@ impl Config {
                 Some(websocket),
                 Some(limits),
                 Some(shutdown),
+                Some(chat),
             ) if problems.is_empty() => Ok(Config {
                 server,
                 backend,
@@ -142,6 +151,7 @@ impl Config {
                 websocket,
                 limits,
                 shutdown,
+                chat,
             }),
             _ => Err(problems.into_errors()),
         }
@@ -158,6 +168,7 @@ impl Config {
         self.websocket.describe(&mut lines);
         self.limits.describe(&mut lines);
         self.shutdown.describe(&mut lines);
+        self.chat.describe(&mut lines);
         lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }
 }
