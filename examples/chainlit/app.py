@@ -16,6 +16,9 @@ import chainlit as cl
 # Pause between tokens: long enough that the stream is visibly incremental,
 # short enough that a test round trip stays well under a second.
 TOKEN_DELAY_SECONDS = 0.02
+# A message starting with "slow " is answered at this pace instead: an answer that
+# takes a few seconds, for the tests of a drain that lets answers finish.
+SLOW_TOKEN_DELAY_SECONDS = 0.4
 
 
 def reply_tokens(text: str) -> list[str]:
@@ -33,7 +36,8 @@ def reply_tokens(text: str) -> list[str]:
 @cl.on_message
 async def on_message(message: cl.Message) -> None:
     msg = cl.Message(content="")
+    slow = message.content.startswith("slow ")
     for token in reply_tokens(message.content):
         await msg.stream_token(token)
-        await asyncio.sleep(TOKEN_DELAY_SECONDS)
+        await asyncio.sleep(SLOW_TOKEN_DELAY_SECONDS if slow else TOKEN_DELAY_SECONDS)
     await msg.send()
