@@ -59,6 +59,9 @@ pub fn health_document(gateway: &Gateway) -> (StatusCode, serde_json::Value) {
             "clients": gauges.client_connections,
             "websockets": gauges.websocket_relays,
         },
+        "chat": {
+            "answers_in_progress": gateway.chat.limits.in_progress(),
+        },
     });
     (code, doc)
 }

@@ -130,7 +130,10 @@ async fn chat_messages_and_answers_are_counted_and_timed() {
         metric(&proxy, "chatgate_chat_time_to_first_token_seconds_count").await,
         4.0
     );
-    assert_eq!(metric(&proxy, "chatgate_chat_answers_in_progress").await, 0.0);
+    assert_eq!(
+        metric(&proxy, "chatgate_chat_answers_in_progress").await,
+        0.0
+    );
     // Other traffic is relayed as it is and not counted.
     client
         .send(Message::text(r#"42["fetch_favorites",{}]"#))
@@ -153,9 +156,15 @@ async fn a_message_over_the_rate_gets_a_toast_and_never_reaches_the_backend() {
     let frames = read_until(&mut client, "toast").await;
     let toast = frames.last().unwrap();
     assert!(toast.starts_with(r#"42["toast","#), "{toast}");
-    assert!(toast.contains("too fast") && toast.contains("warning"), "{toast}");
+    assert!(
+        toast.contains("too fast") && toast.contains("warning"),
+        "{toast}"
+    );
     // The chat goes on: a non-message event still round-trips, and the backend saw only two.
-    client.send(Message::text(r#"42["ping_me",1]"#)).await.unwrap();
+    client
+        .send(Message::text(r#"42["ping_me",1]"#))
+        .await
+        .unwrap();
     read_until(&mut client, "ping_me").await;
     assert_eq!(backend.messages.load(Ordering::SeqCst), 2);
     assert_eq!(
@@ -191,11 +200,18 @@ async fn answers_in_progress_are_capped_per_session() {
     read_until(&mut client, "task_start").await;
     client.send(Message::text(MESSAGE)).await.unwrap();
     let frames = read_until(&mut client, "toast").await;
-    assert!(frames.last().unwrap().contains("still on its way"), "{frames:?}");
+    assert!(
+        frames.last().unwrap().contains("still on its way"),
+        "{frames:?}"
+    );
     read_until(&mut client, "task_end").await;
     assert_eq!(backend.messages.load(Ordering::SeqCst), 1);
     assert_eq!(
-        metric(&proxy, r#"chatgate_chat_refused_total{reason="session_answers"}"#).await,
+        metric(
+            &proxy,
+            r#"chatgate_chat_refused_total{reason="session_answers"}"#
+        )
+        .await,
         1.0
     );
 }
@@ -233,7 +249,9 @@ async fn a_drain_lets_the_answer_finish_then_closes_with_1001() {
     client.send(Message::text(MESSAGE)).await.unwrap();
     let frames = read_until(&mut client, "task_end").await;
     assert!(
-        frames.iter().any(|f| f.contains("toast") && f.contains("restarting")),
+        frames
+            .iter()
+            .any(|f| f.contains("toast") && f.contains("restarting")),
         "{frames:?}"
     );
     assert_eq!(
@@ -241,10 +259,7 @@ async fn a_drain_lets_the_answer_finish_then_closes_with_1001() {
         9,
         "every token of the answer arrived"
     );
-    assert_eq!(
-        close_received(&mut client).await.map(|c| c.0),
-        Some(1001)
-    );
+    assert_eq!(close_received(&mut client).await.map(|c| c.0), Some(1001));
     tokio::time::timeout(DEADLINE, proxy.handle())
         .await
         .expect("chatgate stops once the answer is done")
@@ -259,10 +274,7 @@ async fn an_idle_relay_still_closes_at_once_on_a_drain() {
     let mut client = connect(proxy.addr, PATH).await;
     let started = tokio::time::Instant::now();
     proxy.begin_shutdown();
-    assert_eq!(
-        close_received(&mut client).await.map(|c| c.0),
-        Some(1001)
-    );
+    assert_eq!(close_received(&mut client).await.map(|c| c.0), Some(1001));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "an idle relay waited for nothing"
@@ -296,6 +308,8 @@ async fn the_grafana_dashboard_only_queries_exported_metrics() {
     client.send(Message::text(MESSAGE)).await.unwrap();
     read_until(&mut client, "task_end").await;
     wait_metric(&proxy, "chatgate_chat_answer_duration_seconds_count", 1.0).await;
+    client.close(None).await.unwrap();
+    wait_metric(&proxy, "chatgate_websocket_relays", 0.0).await;
     let _ = get(proxy.addr, "/monitor/live").await.unwrap();
     let exported = get(proxy.admin, "/monitor/metrics").await.unwrap().text();
     let families: Vec<&str> = exported
@@ -303,12 +317,19 @@ async fn the_grafana_dashboard_only_queries_exported_metrics() {
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/chatgate-dashboard.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/chatgate-dashboard.json"
+    );
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut queries = Vec::new();
     collect_exprs(&dashboard, &mut queries);
-    assert!(queries.len() >= 10, "dashboard has {} queries", queries.len());
+    assert!(
+        queries.len() >= 10,
+        "dashboard has {} queries",
+        queries.len()
+    );
     let mut named = 0;
     for query in &queries {
         for name in metric_names(query) {
@@ -325,7 +346,10 @@ async fn the_grafana_dashboard_only_queries_exported_metrics() {
             named += 1;
         }
     }
-    assert!(named >= queries.len(), "some query names no chatgate metric");
+    assert!(
+        named >= queries.len(),
+        "some query names no chatgate metric"
+    );
 }
 
 fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {

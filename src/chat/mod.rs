@@ -62,7 +62,7 @@ impl ChatRelay {
 
     /// A text frame from the client. `draining`: chatgate is shutting down, so a new
     /// message would be cut; it is refused with a notice instead.
-    pub fn from_client_text(&mut self, text: &str, now: Instant, draining: bool) -> Verdict {
+    pub fn client_text(&mut self, text: &str, now: Instant, draining: bool) -> Verdict {
         if !self.chat.observe {
             return Verdict::Forward;
         }
@@ -103,7 +103,7 @@ impl ChatRelay {
     }
 
     /// A binary frame from the client: dropped when it belongs to a refused message.
-    pub fn from_client_binary(&mut self) -> Verdict {
+    pub fn client_binary(&mut self) -> Verdict {
         if self.skip_attachments > 0 {
             self.skip_attachments -= 1;
             return Verdict::Refuse(String::new());
@@ -112,7 +112,7 @@ impl ChatRelay {
     }
 
     /// A text frame from the backend.
-    pub fn from_server_text(&mut self, text: &str, now: Instant) {
+    pub fn server_text(&mut self, text: &str, now: Instant) {
         if !self.chat.observe {
             return;
         }
@@ -186,8 +186,8 @@ mod tests {
     fn a_message_over_the_rate_is_refused_with_a_toast() {
         let mut r = relay(ChatLimits::new(parse_rate("1/minute").unwrap(), None, None));
         let now = Instant::now();
-        assert_eq!(r.from_client_text(MESSAGE, now, false), Verdict::Forward);
-        let Verdict::Refuse(toast) = r.from_client_text(MESSAGE, now, false) else {
+        assert_eq!(r.client_text(MESSAGE, now, false), Verdict::Forward);
+        let Verdict::Refuse(toast) = r.client_text(MESSAGE, now, false) else {
             panic!("second message in a minute must be refused");
         };
         assert_eq!(
@@ -201,7 +201,7 @@ mod tests {
         assert!(toast.contains("too fast"), "{toast}");
         // Other events still pass.
         assert_eq!(
-            r.from_client_text(r#"42["fetch_favorites",{}]"#, now, false),
+            r.client_text(r#"42["fetch_favorites",{}]"#, now, false),
             Verdict::Forward
         );
     }
@@ -212,33 +212,33 @@ mod tests {
         let now = Instant::now();
         let binary = r#"452-["client_message",{"a":{"_placeholder":true,"num":0}}]"#;
         assert!(matches!(
-            r.from_client_text(binary, now, true),
+            r.client_text(binary, now, true),
             Verdict::Refuse(_)
         ));
-        assert!(matches!(r.from_client_binary(), Verdict::Refuse(_)));
-        assert!(matches!(r.from_client_binary(), Verdict::Refuse(_)));
-        assert_eq!(r.from_client_binary(), Verdict::Forward);
+        assert!(matches!(r.client_binary(), Verdict::Refuse(_)));
+        assert!(matches!(r.client_binary(), Verdict::Refuse(_)));
+        assert_eq!(r.client_binary(), Verdict::Forward);
     }
 
     #[test]
     fn answers_are_tracked_and_released_when_the_relay_ends() {
         let mut r = relay(ChatLimits::new(None, Some(1), None));
         let t0 = Instant::now();
-        assert_eq!(r.from_client_text(MESSAGE, t0, false), Verdict::Forward);
-        r.from_server_text(r#"42["task_start",{}]"#, t0);
+        assert_eq!(r.client_text(MESSAGE, t0, false), Verdict::Forward);
+        r.server_text(r#"42["task_start",{}]"#, t0);
         assert_eq!(r.answers_in_progress(), 1);
         assert!(matches!(
-            r.from_client_text(MESSAGE, t0, false),
+            r.client_text(MESSAGE, t0, false),
             Verdict::Refuse(_)
         ));
-        r.from_server_text(
+        r.server_text(
             r#"42["stream_token",{"id":"1","token":"Hi"}]"#,
             t0 + Duration::from_millis(5),
         );
-        r.from_server_text(r#"42["task_end",{}]"#, t0 + Duration::from_millis(9));
+        r.server_text(r#"42["task_end",{}]"#, t0 + Duration::from_millis(9));
         assert_eq!(r.answers_in_progress(), 0);
         assert_eq!(r.chat.limits.in_progress(), 0);
-        r.from_server_text(r#"42["task_start",{}]"#, t0);
+        r.server_text(r#"42["task_start",{}]"#, t0);
         assert_eq!(r.chat.limits.in_progress(), 1);
         r.finish("/ws/socket.io/", "req");
         assert_eq!(
@@ -257,7 +257,7 @@ mod tests {
         });
         let mut r = ChatRelay::new(chat, ChatClient::Session("s".into()));
         assert_eq!(
-            r.from_client_text(MESSAGE, Instant::now(), true),
+            r.client_text(MESSAGE, Instant::now(), true),
             Verdict::Forward
         );
     }

@@ -24,6 +24,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::backend::client::connect_stream;
 use crate::body::ProxyBody;
+use crate::chat::ChatRelay;
+use crate::chat::limits::ChatClient;
 use crate::error::ProxyError;
 use crate::proxy::RequestContext;
 use crate::proxy::headers::backend_request_head;
@@ -101,7 +103,9 @@ pub async fn relay(
         pong_timeout: gw.config.websocket.pong_timeout,
         shutdown: gw.shutdown.clone(),
         metrics: Arc::clone(&gw.metrics),
+        drain_grace: gw.config.shutdown.grace,
     };
+    let mut chat = ChatRelay::new(Arc::clone(&gw.chat), chat_client(ctx));
     let mut line = RelayLine {
         path: ctx.uri.path().to_owned(),
         request_id: ctx.request_id.clone(),
@@ -120,7 +124,7 @@ pub async fn relay(
                     Some(config),
                 )
                 .await;
-                line.stats = pump::pump(client_ws, backend_ws, &settings).await;
+                line.stats = pump::pump(client_ws, backend_ws, &settings, &mut chat).await;
             }
             Err(e) => {
                 line.stats.error = Some(format!("client upgrade failed: {e}"));
@@ -132,11 +136,27 @@ pub async fn relay(
                 .await;
             }
         }
-        drop(counted);
+        chat.finish(&line.path, line.request_id.to_str().unwrap_or("-"));
+        // Counted as closed before it stops counting as open: a scrape never sees neither.
         settings.metrics.websocket_closed(line.stats.close_code);
+        drop(counted);
         line.emit();
     });
     Ok(response)
+}
+
+/// Who the relay's chat messages count against: its Engine.IO session when the upgrade
+/// names one (`sid`), else the client's address.
+fn chat_client(ctx: &RequestContext) -> ChatClient {
+    let sid = ctx.uri.query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("sid="))
+            .filter(|sid| !sid.is_empty() && sid.len() <= 64)
+    });
+    match sid {
+        Some(sid) => ChatClient::Session(sid.to_owned()),
+        None => ChatClient::Address(ctx.client),
+    }
 }
 
 fn ws_config(gw: &Gateway) -> WebSocketConfig {

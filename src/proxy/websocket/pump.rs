@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::liveness::{Keepalive, Tick, WriteStall, WriteWatch};
 use super::stats::{Counts, RelayStats};
+use crate::chat::{ChatRelay, Verdict};
 use crate::metrics::Metrics;
 
 /// How long a closing handshake may take before the connections are dropped.
@@ -39,7 +40,14 @@ pub struct RelaySettings {
     /// Message counts are added here at each keep-alive tick and at the end, not per
     /// message: a long chat shows up within one ping interval, at no per-message cost.
     pub metrics: Arc<Metrics>,
+    /// `--shutdown-grace`: on a drain, how long an answer in progress may still take
+    /// (less the time the closing handshake needs).
+    pub drain_grace: Duration,
 }
+
+/// Notices chatgate writes to one client at most at once; a client that floods refused
+/// messages gets no more until these are out (the refusals are still counted).
+const MAX_NOTICES: usize = 4;
 
 /// Adds what a relay moved since the last report to the message counters.
 fn report(settings: &RelaySettings, c2b: &Direction, b2c: &Direction, reported: &mut (u64, u64)) {
@@ -61,6 +69,9 @@ struct Direction {
     /// A keep-alive ping waits to be written (towards the client only). It goes ahead of
     /// `pending`, so that a relay busy with messages still asks its client for an answer.
     ping: bool,
+    /// chatgate's own messages to the client (chat notices), after the ping, before
+    /// `pending`.
+    notices: std::collections::VecDeque<Message>,
     unflushed: bool,
     counts: Counts,
 }
@@ -70,13 +81,20 @@ impl Direction {
     fn take_next(&mut self) -> Option<Message> {
         if std::mem::take(&mut self.ping) {
             Some(Message::Ping(Bytes::from_static(KEEPALIVE_PAYLOAD)))
+        } else if let Some(notice) = self.notices.pop_front() {
+            Some(notice)
         } else {
             self.pending.take()
         }
     }
 
     fn has_next(&self) -> bool {
-        self.ping || self.pending.is_some()
+        self.ping || !self.notices.is_empty() || self.pending.is_some()
+    }
+
+    /// Nothing left to write or flush.
+    fn is_idle(&self) -> bool {
+        !self.has_next() && !self.unflushed
     }
 }
 
@@ -110,6 +128,7 @@ fn poll_direction<S, D>(
     dst: &mut WebSocketStream<D>,
     dir: &mut Direction,
     mut keepalive: Option<&mut Keepalive>,
+    tap: &mut dyn FnMut(&Message) -> bool,
 ) -> Poll<End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -136,6 +155,8 @@ where
                 }
                 match message {
                     Message::Close(frame) => return Poll::Ready(End::Closed(frame)),
+                    // The chat reader sees each data message; one it refuses goes no further.
+                    Message::Text(_) | Message::Binary(_) if !tap(&message) => continue,
                     Message::Text(ref t) => dir.counts.add(t.len()),
                     Message::Binary(ref b) => dir.counts.add(b.len()),
                     // Our own ping's answer stays here.
@@ -183,19 +204,26 @@ fn offender_code(error: &WsError) -> Option<CloseCode> {
     }
 }
 
-/// The earlier of the keep-alive's next look and the write-stall deadline.
-fn next_look(keepalive_next: Instant, stall: &WriteStall) -> Instant {
-    stall
-        .deadline()
-        .map_or(keepalive_next, |deadline| deadline.min(keepalive_next))
+/// The earliest of the keep-alive's next look, the write-stall deadline and the end of a
+/// drain.
+fn next_look(keepalive_next: Instant, stall: &WriteStall, drain_until: Option<Instant>) -> Instant {
+    [stall.deadline(), drain_until]
+        .into_iter()
+        .flatten()
+        .fold(keepalive_next, Instant::min)
 }
 
 /// Runs a relay to its end and returns its counts. The client leg comes wrapped in a
 /// `WriteWatch`, so the relay can tell a client that stopped reading from a slow one.
+///
+/// `chat` reads the Socket.IO traffic on the way: it counts and times the chat, refuses a
+/// user message over a limit (the client gets a notice instead), and on a drain keeps the
+/// relay open until the answers in progress are done, within `drain_grace`.
 pub async fn pump<C, B>(
     mut client: WebSocketStream<WriteWatch<C>>,
     mut backend: WebSocketStream<B>,
     settings: &RelaySettings,
+    chat: &mut ChatRelay,
 ) -> RelayStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -215,14 +243,33 @@ where
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(keepalive_next));
     let shutdown = settings.shutdown.cancelled();
     tokio::pin!(shutdown);
+    // Set once a drain began while answers were in progress: the relay goes on until they
+    // are done (and written), or until this instant.
+    let mut drain_until: Option<Instant> = None;
 
     let event = poll_fn(|cx| {
-        if shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Event::Shutdown);
+        if drain_until.is_none() && shutdown.as_mut().poll(cx).is_ready() {
+            if chat.answers_in_progress() == 0 {
+                return Poll::Ready(Event::Shutdown);
+            }
+            let left = settings
+                .drain_grace
+                .saturating_sub(CLOSE_TIMEOUT + Duration::from_secs(1));
+            drain_until = Some(Instant::now() + left);
+            tracing::debug!(
+                answers = chat.answers_in_progress(),
+                "draining: the relay stays open until its answers are done"
+            );
         }
         loop {
+            if drain_until.is_some() && chat.answers_in_progress() == 0 && b2c.is_idle() {
+                return Poll::Ready(Event::Shutdown);
+            }
             while timer.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
+                if drain_until.is_some_and(|until| now >= until) {
+                    return Poll::Ready(Event::Shutdown);
+                }
                 if stall.stalled(now) {
                     return Poll::Ready(Event::WriteStalled);
                 }
@@ -235,19 +282,49 @@ where
                         next
                     }
                 };
-                timer.as_mut().reset(next_look(keepalive_next, &stall));
+                timer
+                    .as_mut()
+                    .reset(next_look(keepalive_next, &stall, drain_until));
             }
+            let draining = drain_until.is_some();
+            let notices = &mut b2c.notices;
+            let mut from_client = |message: &Message| match message {
+                Message::Text(text) => match chat.client_text(text, Instant::now(), draining) {
+                    Verdict::Forward => true,
+                    Verdict::Refuse(notice) => {
+                        if notices.len() < MAX_NOTICES {
+                            notices.push_back(Message::text(notice));
+                        }
+                        false
+                    }
+                },
+                _ => chat.client_binary() == Verdict::Forward,
+            };
             if let Poll::Ready(end) = poll_direction(
                 cx,
                 &mut client,
                 &mut backend,
                 &mut c2b,
                 Some(&mut keepalive),
+                &mut from_client,
             ) {
                 return Poll::Ready(Event::Client(end));
             }
+            let mut from_backend = |message: &Message| {
+                if let Message::Text(text) = message {
+                    chat.server_text(text, Instant::now());
+                }
+                true
+            };
             let ping_waiting = b2c.ping;
-            let moved = poll_direction(cx, &mut backend, &mut client, &mut b2c, None);
+            let moved = poll_direction(
+                cx,
+                &mut backend,
+                &mut client,
+                &mut b2c,
+                None,
+                &mut from_backend,
+            );
             if ping_waiting && !b2c.ping {
                 keepalive.ping_sent(Instant::now());
             }
@@ -268,7 +345,10 @@ where
             } else {
                 stall.flowing();
             }
-            let look = next_look(keepalive_next, &stall);
+            if drain_until.is_some() && chat.answers_in_progress() == 0 && b2c.is_idle() {
+                continue;
+            }
+            let look = next_look(keepalive_next, &stall, drain_until);
             if look == timer.deadline() {
                 return Poll::Pending;
             }
@@ -452,9 +532,23 @@ mod tests {
             pong_timeout,
             shutdown: shutdown.clone(),
             metrics: Arc::new(Metrics::new()),
+            drain_grace: Duration::from_secs(20),
         };
-        let task = tokio::spawn(async move { pump(client_leg, backend_leg, &settings).await });
+        let mut chat = test_chat();
+        let task =
+            tokio::spawn(async move { pump(client_leg, backend_leg, &settings, &mut chat).await });
         (client_peer, backend_peer, task, shutdown)
+    }
+
+    /// A chat reader with no limits, as a relay gets by default.
+    fn test_chat() -> ChatRelay {
+        let chat = Arc::new(crate::chat::Chat {
+            observe: true,
+            limits: crate::chat::limits::ChatLimits::default(),
+            metrics: Arc::new(Metrics::new()),
+        });
+        let client = crate::chat::limits::ChatClient::Address([127, 0, 0, 1].into());
+        ChatRelay::new(chat, client)
     }
 
     /// A relay over roomy in-memory pipes: (client peer, backend peer, task, shutdown).
