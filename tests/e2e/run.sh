@@ -38,6 +38,7 @@ DIRECT=${E2E_DIRECT:-0}
 RESULTS="$STATE/results.txt"
 chatgate_pid=""
 idle_pid=""
+chat_gate_pid=""
 
 say() { printf 'e2e: %s\n' "$*" >&2; }
 
@@ -68,6 +69,7 @@ stop_pid() { # pid name wait-seconds: SIGTERM, bounded wait, SIGKILL
 cleanup() {
     trap - EXIT INT TERM
     stop_pid "$idle_pid" "idle test" 2
+    stop_pid "${chat_gate_pid:-}" "rate-limited chatgate" 10
     stop_pid "$chatgate_pid" chatgate 10
     [ -f "$STATE/backend.env" ] && E2E_STATE="$STATE" "$HERE/backend.sh" stop 2>>"$STATE/backend.log"
 }
@@ -257,6 +259,24 @@ idle_pid=""
 
 E2E_BASE_URL="$BASE" E2E_OUT="$STATE" E2E_DIRECT="$DIRECT" E2E_BACKEND_CTL="$HERE/backend.sh" \
     run_tests browser 300 node "$HERE/browser_test.mjs"
+
+# The chat-aware edge (issue 14): chatgates of its own in front of the same Chainlit.
+if [ "$DIRECT" != 1 ]; then
+    run_tests chat_edge 120 "$VENV/bin/python" "$HERE/chat_edge_test.py" \
+        --chatgate "$CHATGATE_BIN" --backend-port "$BACKEND_PORT"
+    CHAT_PORT=$(free_port) || abort "no free port"
+    "$CHATGATE_BIN" --listen "127.0.0.1:$CHAT_PORT" --backend "http://127.0.0.1:$BACKEND_PORT" \
+        --admin-listen off --chat-rate-limit 3/minute >"$STATE/chatgate-chat.log" 2>&1 </dev/null &
+    chat_gate_pid=$!
+    if wait_http_200 "http://127.0.0.1:$CHAT_PORT/monitor/health" 30 "$chat_gate_pid"; then
+        E2E_CHAT_URL="http://127.0.0.1:$CHAT_PORT" E2E_OUT="$STATE" \
+            run_tests chat_edge_browser 120 node "$HERE/chat_edge_browser.mjs"
+    else
+        echo "FAIL chat_edge_browser: the rate-limited chatgate did not start" | tee -a "$RESULTS"
+    fi
+    stop_pid "$chat_gate_pid" "rate-limited chatgate" 10
+    chat_gate_pid=""
+fi
 
 say "done in $((SECONDS - started)) s; logs and screenshots in target/e2e/run/"
 summary

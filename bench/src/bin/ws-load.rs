@@ -33,6 +33,11 @@ struct Args {
     /// Runtime worker threads (1 = current-thread runtime).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// `plain` (the letter m, repeated) or `socketio`: a Chainlit user message,
+    /// `42["client_message",{...}]`, padded to `--size`, which chatgate's chat reader parses
+    /// (and the echo makes it parse one on the way back too).
+    #[arg(long, default_value = "plain")]
+    shape: String,
     /// One round trip on one connection; exit status says whether it worked.
     #[arg(long)]
     probe: bool,
@@ -85,7 +90,11 @@ async fn probe(url: &str) -> std::process::ExitCode {
 }
 
 async fn load(args: &Args) -> std::process::ExitCode {
-    let text = payload(args.size);
+    let text = if args.shape == "socketio" {
+        socketio_payload(args.size)
+    } else {
+        payload(args.size)
+    };
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.duration);
     let mut tasks = tokio::task::JoinSet::new();
@@ -128,6 +137,13 @@ async fn load(args: &Args) -> std::process::ExitCode {
 fn payload(size: usize) -> Utf8Bytes {
     // Text frames, as Socket.IO (and so Chainlit) sends them.
     Utf8Bytes::from("m".repeat(size))
+}
+
+fn socketio_payload(size: usize) -> Utf8Bytes {
+    let head = r#"42["client_message",{"message":{"threadId":"","id":"6f1c2a9e-0d3b-4c1e-9a51-3f0b8f2d7c11","name":"User","type":"user_message","output":""#;
+    let tail = r#""},"fileReferences":[]}]"#;
+    let pad = size.saturating_sub(head.len() + tail.len());
+    Utf8Bytes::from(format!("{head}{}{tail}", "m".repeat(pad)))
 }
 
 /// Runs one connection until `deadline` (or for one round trip when `once`).
