@@ -79,10 +79,7 @@ impl<B> Watched<B> {
     }
 
     /// Like [`Watched::new`], and the returned receiver resolves when the body has ended.
-    pub fn with_end_signal(
-        inner: B,
-        idle_timeout: Duration,
-    ) -> (Self, oneshot::Receiver<()>) {
+    pub fn with_end_signal(inner: B, idle_timeout: Duration) -> (Self, oneshot::Receiver<()>) {
         let (tx, rx) = oneshot::channel();
         let mut body = Watched::new(inner, idle_timeout);
         body.done = Some(tx);

@@ -227,7 +227,11 @@ mod tests {
         assert_eq!(key("2001:db8:1:2:3:4:5:6", 32), "2001:db8::");
         assert_eq!(key("::1", 64), "::");
         assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
-        assert_eq!(key("::ffff:192.0.2.7", 64), "192.0.2.7", "mapped counts as IPv4");
+        assert_eq!(
+            key("::ffff:192.0.2.7", 64),
+            "192.0.2.7",
+            "mapped counts as IPv4"
+        );
         assert_eq!(key("::ffff:192.0.2.7", 32), "192.0.2.7");
     }
 
@@ -235,23 +239,49 @@ mod tests {
     fn addresses_in_one_ipv6_prefix_share_a_budget() {
         let limits = RateLimits::new(parse_rate("2/minute").unwrap(), None, None, 64);
         let ip = |a: &str| a.parse::<IpAddr>().unwrap();
-        assert!(limits.check(LimitClass::Http, ip("2001:db8:0:1::1")).is_ok());
-        assert!(limits.check(LimitClass::Http, ip("2001:db8:0:1::2")).is_ok());
         assert!(
-            limits.check(LimitClass::Http, ip("2001:db8:0:1:abcd::3")).is_err(),
+            limits
+                .check(LimitClass::Http, ip("2001:db8:0:1::1"))
+                .is_ok()
+        );
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("2001:db8:0:1::2"))
+                .is_ok()
+        );
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("2001:db8:0:1:abcd::3"))
+                .is_err(),
             "a third address in the same /64 is over the budget"
         );
-        assert!(limits.check(LimitClass::Http, ip("2001:db8:0:2::1")).is_ok());
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("2001:db8:0:2::1"))
+                .is_ok()
+        );
         assert!(limits.check(LimitClass::Http, ip("192.0.2.1")).is_ok());
-        assert!(limits.check(LimitClass::Http, ip("::ffff:192.0.2.1")).is_ok());
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("::ffff:192.0.2.1"))
+                .is_ok()
+        );
         assert!(
             limits.check(LimitClass::Http, ip("192.0.2.1")).is_err(),
             "an IPv4-mapped address shares its IPv4 address's budget"
         );
         assert!(limits.check(LimitClass::Http, ip("192.0.2.2")).is_ok());
         let per_address = RateLimits::new(parse_rate("1/minute").unwrap(), None, None, 128);
-        assert!(per_address.check(LimitClass::Http, ip("2001:db8::1")).is_ok());
-        assert!(per_address.check(LimitClass::Http, ip("2001:db8::2")).is_ok());
+        assert!(
+            per_address
+                .check(LimitClass::Http, ip("2001:db8::1"))
+                .is_ok()
+        );
+        assert!(
+            per_address
+                .check(LimitClass::Http, ip("2001:db8::2"))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -207,7 +207,9 @@ async fn serve_connection(
     };
     let service = {
         let watch = Arc::clone(&watch);
-        service_fn(move |req| serve_request(Arc::clone(&gateway), req, peer, Arc::clone(&watch), reserve))
+        service_fn(move |req| {
+            serve_request(Arc::clone(&gateway), req, peer, Arc::clone(&watch), reserve)
+        })
     };
     let connection = http
         .serve_connection(TokioIo::new(io), service)

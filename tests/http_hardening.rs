@@ -274,12 +274,9 @@ async fn probes_answer_truly_at_the_connection_limit() {
     proxy.wait_ready().await;
     let _held = [hold_a_slot(proxy.addr).await, hold_a_slot(proxy.addr).await];
 
-    let live = until_closed(
-        proxy.addr,
-        b"GET /monitor/live HTTP/1.1\r\nHost: x\r\n\r\n",
-    )
-    .await
-    .expect("a reserve connection serves one request, then closes");
+    let live = until_closed(proxy.addr, b"GET /monitor/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("a reserve connection serves one request, then closes");
     assert!(live.starts_with("HTTP/1.1 200"), "{live}");
     assert!(live.contains("alive"), "{live}");
     let health = until_closed(
@@ -292,9 +289,12 @@ async fn probes_answer_truly_at_the_connection_limit() {
     assert!(health.contains(r#""status":"ok""#), "{health}");
     assert!(health.contains(r#""clients":3"#), "{health}");
 
-    let other = until_closed(proxy.addr, b"GET /project/settings HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("closed");
+    let other = until_closed(
+        proxy.addr,
+        b"GET /project/settings HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .expect("closed");
     assert!(other.starts_with("HTTP/1.1 503"), "{other}");
     assert!(other.contains("too many connections"), "{other}");
     assert!(
@@ -323,12 +323,9 @@ async fn probes_answer_truly_at_the_connection_limit() {
             .contains("chatgate_probe_reserve_connections_total 19")
     })
     .await;
-    let refused = until_closed(
-        proxy.addr,
-        b"GET /monitor/live HTTP/1.1\r\nHost: x\r\n\r\n",
-    )
-    .await
-    .expect("closed");
+    let refused = until_closed(proxy.addr, b"GET /monitor/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("closed");
     assert!(
         refused.starts_with("HTTP/1.1 503") && refused.contains("too many connections"),
         "{refused}"
@@ -425,7 +422,9 @@ async fn an_ipv6_peer_on_loopback_is_limited_by_its_prefix() {
     let listener = match TcpListener::bind("[::1]:0").await {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!("SKIPPED: no IPv6 loopback here ({e}); the prefix keying is covered over IPv4 with X-Forwarded-For");
+            eprintln!(
+                "SKIPPED: no IPv6 loopback here ({e}); the prefix keying is covered over IPv4 with X-Forwarded-For"
+            );
             return;
         }
     };
@@ -444,9 +443,12 @@ async fn an_ipv6_peer_on_loopback_is_limited_by_its_prefix() {
         .body(full(""))
         .unwrap();
     let ok = async || {
-        let status = send(a, request("GET", a, "/monitor/live").body(full("")).unwrap())
-            .await
-            .map(|r| r.status);
+        let status = send(
+            a,
+            request("GET", a, "/monitor/live").body(full("")).unwrap(),
+        )
+        .await
+        .map(|r| r.status);
         status == Ok(StatusCode::OK)
     };
     eventually("chatgate serves on ::1", ok).await;

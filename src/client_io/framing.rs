@@ -351,7 +351,9 @@ mod tests {
         let mut c = check();
         c.stop();
         assert_eq!(
-            c.inspect(b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            c.inspect(
+                b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ),
             Outcome::Continue
         );
     }
@@ -370,7 +372,14 @@ mod tests {
     fn lengths_parse_like_hyper() {
         assert_eq!(digits(b"0"), Some(0));
         assert_eq!(digits(b"18446744073709551615"), Some(u64::MAX));
-        for bad in [&b""[..], b"18446744073709551616", b"-1", b"1,1", b" 1", b"0x1"] {
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"-1",
+            b"1,1",
+            b" 1",
+            b"0x1",
+        ] {
             assert_eq!(digits(bad), None, "{bad:?}");
         }
     }

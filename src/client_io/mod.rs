@@ -108,10 +108,7 @@ impl<T> ClientIo<T> {
                 self.watch.stalled.store(true, Ordering::Relaxed);
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!(
-                        "the client accepted no bytes for {:?}",
-                        self.stall_timeout
-                    ),
+                    format!("the client accepted no bytes for {:?}", self.stall_timeout),
                 )));
             }
             // Armed for an earlier wait: move it to this one's deadline.

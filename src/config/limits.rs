@@ -125,13 +125,8 @@ impl LimitsConfig {
         let rate_websocket = p.check(rate("rate-limit-websocket", &s.rate_limit_websocket));
         let rate_engineio = p.check(rate("rate-limit-engineio", &s.rate_limit_engineio));
         let rate_ipv6_prefix = p.check(
-            count(
-                "rate-limit-ipv6-prefix",
-                &s.rate_limit_ipv6_prefix,
-                32,
-                128,
-            )
-            .map(|bits| u8::try_from(bits).unwrap_or(128)),
+            count("rate-limit-ipv6-prefix", &s.rate_limit_ipv6_prefix, 32, 128)
+                .map(|bits| u8::try_from(bits).unwrap_or(128)),
         );
         let allowed_origins = p.check(
             s.allowed_origins
@@ -169,10 +164,7 @@ impl LimitsConfig {
             ("rate_limit_http", describe_rate(self.rate_http)),
             ("rate_limit_websocket", describe_rate(self.rate_websocket)),
             ("rate_limit_engineio", describe_rate(self.rate_engineio)),
-            (
-                "rate_limit_ipv6_prefix",
-                self.rate_ipv6_prefix.to_string(),
-            ),
+            ("rate_limit_ipv6_prefix", self.rate_ipv6_prefix.to_string()),
             ("allowed_origins", self.allowed_origins.join(",")),
             ("trusted_proxies", proxies.join(",")),
             (
@@ -275,6 +267,31 @@ mod tests {
         assert_eq!(nets.len(), 3);
         assert!(nets[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
         assert!(parse_trusted_proxies("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_ipv6_prefix_defaults_to_64_and_stays_in_range() {
+        let limits = |env: &[(&str, &str)]| {
+            let cli = crate::config::Cli::parse_with(["chatgate"], |k| {
+                env.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            })
+            .unwrap();
+            crate::config::Config::from_settings(&cli.settings)
+                .map(|c| c.limits.rate_ipv6_prefix)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(limits(&[]), Ok(64));
+        assert_eq!(limits(&[("CHATGATE_RATE_LIMIT_IPV6_PREFIX", "48")]), Ok(48));
+        assert_eq!(
+            limits(&[("CHATGATE_RATE_LIMIT_IPV6_PREFIX", "128")]),
+            Ok(128)
+        );
+        for bad in ["31", "129", "/64", ""] {
+            let e = limits(&[("CHATGATE_RATE_LIMIT_IPV6_PREFIX", bad)]).unwrap_err();
+            assert!(e.contains("rate-limit-ipv6-prefix"), "{bad}: {e}");
+        }
     }
 
     #[test]
