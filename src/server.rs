@@ -31,10 +31,11 @@ struct Builders {
     reserve: http1::Builder,
 }
 
-/// The connection slot a connection holds for its life.
-enum Slot {
-    Normal(#[allow(dead_code)] OwnedSemaphorePermit),
-    Reserve(#[allow(dead_code)] OwnedSemaphorePermit),
+/// The connection slot a connection holds for its life, and where it came from.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// From the probe reserve, beyond `--max-connections`.
+    reserve: bool,
 }
 
 /// Serves on `listener` (and the metrics on `admin`) until `stop` resolves, then drains.
@@ -141,11 +142,17 @@ async fn accept(
     match accepted {
         Ok((stream, peer)) => {
             let slot = match Arc::clone(&gateway.connection_slots).try_acquire_owned() {
-                Ok(slot) => Slot::Normal(slot),
+                Ok(permit) => Slot {
+                    _permit: permit,
+                    reserve: false,
+                },
                 Err(_) => match Arc::clone(&gateway.probe_slots).try_acquire_owned() {
-                    Ok(slot) => {
+                    Ok(permit) => {
                         gateway.metrics.probe_reserve_connection();
-                        Slot::Reserve(slot)
+                        Slot {
+                            _permit: permit,
+                            reserve: true,
+                        }
                     }
                     Err(_) => {
                         gateway.metrics.refused_connection();
@@ -201,10 +208,8 @@ async fn serve_connection(
         FramingCheck::new(server.max_header_bytes, server.max_headers),
         gateway.config.backend.body_idle_timeout,
     );
-    let (http, reserve) = match slot {
-        Slot::Normal(_) => (&http.normal, false),
-        Slot::Reserve(_) => (&http.reserve, true),
-    };
+    let reserve = slot.reserve;
+    let http = if reserve { &http.reserve } else { &http.normal };
     let service = {
         let watch = Arc::clone(&watch);
         service_fn(move |req| {
