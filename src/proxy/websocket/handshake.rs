@@ -334,11 +334,8 @@ async fn read_refusal_body<S: AsyncRead + Unpin>(
             let mut raw = rest;
             let mut body = Vec::new();
             let mut read = raw.len();
-            loop {
-                match decode_chunks(&mut raw, &mut body, MAX_REFUSAL_BODY) {
-                    Ok(Chunks::More) => {}
-                    Ok(Chunks::Done) | Err(_) => break,
-                }
+            // Done, or framing broken: either way the body ends here.
+            while let Ok(Chunks::More) = decode_chunks(&mut raw, &mut body, MAX_REFUSAL_BODY) {
                 if read >= MAX_REFUSAL_BODY + MAX_CHUNK_OVERHEAD {
                     break;
                 }
