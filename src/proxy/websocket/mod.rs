@@ -3,9 +3,11 @@
 //! legs, so that chatgate can count, limit, keep alive and close them properly.
 //!
 //! `handshake.rs` holds the opening handshake of both legs, `pump.rs` the message pump and
-//! its close policy, `stats.rs` the relay's counts and access line; this file wires them.
+//! its close policy, `liveness.rs` the rules that give up on a client (no answer to a ping,
+//! no byte taken), `stats.rs` the relay's counts and access line; this file wires them.
 
 pub mod handshake;
+pub mod liveness;
 pub mod pump;
 pub mod stats;
 
@@ -30,6 +32,7 @@ use handshake::{
     BackendAnswer, backend_handshake, backend_handshake_request, switching_protocols,
     validate_handshake,
 };
+use liveness::WriteWatch;
 use pump::{CLOSE_TIMEOUT, RelaySettings, close_frame};
 use stats::{RelayLine, RelayStats};
 
@@ -112,7 +115,7 @@ pub async fn relay(
         match on_upgrade.await {
             Ok(upgraded) => {
                 let client_ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    WriteWatch::new(TokioIo::new(upgraded)),
                     Role::Server,
                     Some(config),
                 )

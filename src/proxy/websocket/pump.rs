@@ -1,6 +1,7 @@
 //! The message pump: one task moves a relay's messages both ways, one pending message per
-//! direction (backpressure), keeps an idle client alive with pings, and ends the relay with
-//! the close code each side earned (RFC 6455 §7.4).
+//! direction (backpressure), keeps an idle client alive with pings, gives up on a client
+//! that answers nothing or takes no bytes (`liveness.rs`), and ends the relay with the close
+//! code each side earned (RFC 6455 §7.4).
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -19,11 +20,15 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use super::liveness::{Keepalive, Tick, WriteStall, WriteWatch};
 use super::stats::{Counts, RelayStats};
 use crate::metrics::Metrics;
 
 /// How long a closing handshake may take before the connections are dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a client whose socket stalled gets to take the Close before it is dropped. Short:
+/// the Close queues behind everything the client has not taken, so it rarely gets through.
+const STALLED_CLOSE_ATTEMPT: Duration = Duration::from_millis(250);
 /// Payload of chatgate's own keep-alive pings, so their pongs are not relayed.
 const KEEPALIVE_PAYLOAD: &[u8] = b"chatgate-keepalive";
 
@@ -35,69 +40,6 @@ pub struct RelaySettings {
     /// Message counts are added here at each keep-alive tick and at the end, not per
     /// message: a long chat shows up within one ping interval, at no per-message cost.
     pub metrics: Arc<Metrics>,
-}
-
-/// Keep-alive towards the client: ping it after `interval` of silence, give up when it
-/// stays silent for `timeout` after a ping. A small state machine over instants, so that
-/// its rules are tested without sockets or timers.
-#[derive(Debug)]
-pub struct Keepalive {
-    interval: Duration,
-    timeout: Duration,
-    last_client_frame: Instant,
-    ping_sent: Option<Instant>,
-}
-
-/// What the keep-alive timer asks for when it fires.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Tick {
-    /// Nothing to do: fire again at this instant.
-    WaitUntil(Instant),
-    /// Send a ping now, then fire again at this instant.
-    Ping { next: Instant },
-    /// The client did not answer the ping in time.
-    TimedOut,
-}
-
-impl Keepalive {
-    pub fn new(interval: Duration, timeout: Duration, now: Instant) -> Keepalive {
-        Keepalive {
-            interval,
-            timeout,
-            last_client_frame: now,
-            ping_sent: None,
-        }
-    }
-
-    /// A frame arrived from the client (or, for now, a message went to it: see `pump`).
-    pub fn client_frame(&mut self, now: Instant) {
-        self.last_client_frame = now;
-    }
-
-    /// The timer fired at `now`; `can_ping` is false while a message to the client is
-    /// already waiting (a message on its way is activity enough).
-    pub fn tick(&mut self, now: Instant, can_ping: bool) -> Tick {
-        if let Some(sent) = self.ping_sent {
-            if self.last_client_frame < sent {
-                return if now >= sent + self.timeout {
-                    Tick::TimedOut
-                } else {
-                    Tick::WaitUntil(sent + self.timeout)
-                };
-            }
-            self.ping_sent = None;
-        }
-        if now < self.last_client_frame + self.interval {
-            Tick::WaitUntil(self.last_client_frame + self.interval)
-        } else if can_ping {
-            self.ping_sent = Some(now);
-            Tick::Ping {
-                next: now + self.timeout,
-            }
-        } else {
-            Tick::WaitUntil(now + self.interval)
-        }
-    }
 }
 
 /// Adds what a relay moved since the last report to the message counters.
@@ -113,12 +55,30 @@ fn report(settings: &RelaySettings, c2b: &Direction, b2c: &Direction, reported: 
 }
 
 /// One direction of a relay: the message waiting for the other side to accept it (never
-/// more than one: backpressure), and counts.
+/// more than one: backpressure), a keep-alive ping to go out ahead of it, and counts.
 #[derive(Debug, Default)]
 struct Direction {
     pending: Option<Message>,
+    /// A keep-alive ping waits to be written (towards the client only). It goes ahead of
+    /// `pending`, so that a relay busy with messages still asks its client for an answer.
+    ping: bool,
     unflushed: bool,
     counts: Counts,
+}
+
+impl Direction {
+    /// The next message to write: the ping first, then the pending message.
+    fn take_next(&mut self) -> Option<Message> {
+        if std::mem::take(&mut self.ping) {
+            Some(Message::Ping(Bytes::from_static(KEEPALIVE_PAYLOAD)))
+        } else {
+            self.pending.take()
+        }
+    }
+
+    fn has_next(&self) -> bool {
+        self.ping || self.pending.is_some()
+    }
 }
 
 /// Why one side's stream stopped.
@@ -139,6 +99,8 @@ enum Event {
     Backend(End),
     Shutdown,
     PingTimeout,
+    /// The client's socket took no byte of what waited for it for `pong_timeout`.
+    WriteStalled,
 }
 
 /// Moves messages from `src` to `dst` until neither can make progress. `Ready` when this
@@ -154,20 +116,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    loop {
-        if let Some(message) = dir.pending.take() {
+    'moving: loop {
+        while dir.has_next() {
             match Pin::new(&mut *dst).poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if let Err(e) = Pin::new(&mut *dst).start_send(message) {
-                        return Poll::Ready(End::WriteError(e));
-                    }
-                    dir.unflushed = true;
-                }
+                Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(End::WriteError(e)),
-                Poll::Pending => {
-                    dir.pending = Some(message);
-                    break;
+                Poll::Pending => break 'moving,
+            }
+            if let Some(message) = dir.take_next() {
+                if let Err(e) = Pin::new(&mut *dst).start_send(message) {
+                    return Poll::Ready(End::WriteError(e));
                 }
+                dir.unflushed = true;
             }
         }
         match Pin::new(&mut *src).poll_next(cx) {
@@ -224,9 +184,17 @@ fn offender_code(error: &WsError) -> Option<CloseCode> {
     }
 }
 
-/// Runs a relay to its end and returns its counts.
+/// The earlier of the keep-alive's next look and the write-stall deadline.
+fn next_look(keepalive_next: Instant, stall: &WriteStall) -> Instant {
+    stall
+        .deadline()
+        .map_or(keepalive_next, |deadline| deadline.min(keepalive_next))
+}
+
+/// Runs a relay to its end and returns its counts. The client leg comes wrapped in a
+/// `WriteWatch`, so the relay can tell a client that stopped reading from a slow one.
 pub async fn pump<C, B>(
-    mut client: WebSocketStream<C>,
+    mut client: WebSocketStream<WriteWatch<C>>,
     mut backend: WebSocketStream<B>,
     settings: &RelaySettings,
 ) -> RelayStats
@@ -242,8 +210,10 @@ where
         settings.pong_timeout,
         Instant::now(),
     );
+    let mut stall = WriteStall::new(settings.pong_timeout);
+    let mut keepalive_next = Instant::now() + settings.ping_interval;
     let mut reported = (0u64, 0u64);
-    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(settings.ping_interval));
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(keepalive_next));
     let shutdown = settings.shutdown.cancelled();
     tokio::pin!(shutdown);
 
@@ -251,35 +221,61 @@ where
         if shutdown.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Event::Shutdown);
         }
-        while timer.as_mut().poll(cx).is_ready() {
-            report(settings, &c2b, &b2c, &mut reported);
-            match keepalive.tick(Instant::now(), b2c.pending.is_none()) {
-                Tick::TimedOut => return Poll::Ready(Event::PingTimeout),
-                Tick::WaitUntil(next) => timer.as_mut().reset(next),
-                Tick::Ping { next } => {
-                    b2c.pending = Some(Message::Ping(Bytes::from_static(KEEPALIVE_PAYLOAD)));
-                    timer.as_mut().reset(next);
+        loop {
+            while timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if stall.stalled(now) {
+                    return Poll::Ready(Event::WriteStalled);
+                }
+                report(settings, &c2b, &b2c, &mut reported);
+                keepalive_next = match keepalive.tick(now) {
+                    Tick::TimedOut => return Poll::Ready(Event::PingTimeout),
+                    Tick::WaitUntil(next) => next,
+                    Tick::Ping { next } => {
+                        b2c.ping = true;
+                        next
+                    }
+                };
+                timer.as_mut().reset(next_look(keepalive_next, &stall));
+            }
+            if let Poll::Ready(end) = poll_direction(
+                cx,
+                &mut client,
+                &mut backend,
+                &mut c2b,
+                Some(&mut keepalive),
+            ) {
+                return Poll::Ready(Event::Client(end));
+            }
+            let ping_waiting = b2c.ping;
+            let moved = poll_direction(cx, &mut backend, &mut client, &mut b2c, None);
+            if ping_waiting && !b2c.ping {
+                keepalive.ping_sent(Instant::now());
+            }
+            if let Poll::Ready(end) = moved {
+                return Poll::Ready(Event::Backend(end));
+            }
+            // tungstenite also writes to the client outside the b2c direction (pongs to the
+            // client's pings, during reads): whatever it holds, push it on while the socket
+            // is refusing, so that "blocked" always means the client is not taking bytes.
+            if client.get_ref().is_blocked() {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut client).poll_flush(cx) {
+                    return Poll::Ready(Event::Backend(End::WriteError(e)));
                 }
             }
+            let watch = client.get_ref();
+            if watch.is_blocked() {
+                stall.blocked(Instant::now(), watch.written());
+            } else {
+                stall.flowing();
+            }
+            let look = next_look(keepalive_next, &stall);
+            if look == timer.deadline() {
+                return Poll::Pending;
+            }
+            // The stall deadline moved: re-arm, and poll the timer again so it wakes us.
+            timer.as_mut().reset(look);
         }
-        if let Poll::Ready(end) = poll_direction(
-            cx,
-            &mut client,
-            &mut backend,
-            &mut c2b,
-            Some(&mut keepalive),
-        ) {
-            return Poll::Ready(Event::Client(end));
-        }
-        let before = b2c.counts.messages;
-        if let Poll::Ready(end) = poll_direction(cx, &mut backend, &mut client, &mut b2c, None) {
-            return Poll::Ready(Event::Backend(end));
-        }
-        // Frames *to* the client count as client activity too.
-        if b2c.counts.messages != before {
-            keepalive.client_frame(Instant::now());
-        }
-        Poll::Pending
     })
     .await;
 
@@ -309,6 +305,27 @@ where
                 );
             })
             .await;
+        }
+        Event::WriteStalled => {
+            // 1001 towards the backend, as for a ping timeout: the client went away in all
+            // but name. (1008 would say it broke a rule; not reading is no message at all.)
+            stats.closed_by = "proxy";
+            stats.close_code = Some(1001);
+            stats.error = Some(format!(
+                "client took no data for {:?}",
+                settings.pong_timeout
+            ));
+            let frame = close_frame(CloseCode::Away, "client stopped reading");
+            let backend_frame = frame.clone();
+            let _ = tokio::join!(
+                tokio::time::timeout(CLOSE_TIMEOUT, async {
+                    let _ = backend.close(Some(backend_frame)).await;
+                    drain(&mut backend).await;
+                }),
+                // The client has taken nothing for a whole timeout: one short try to queue
+                // the Close, then its connection is dropped.
+                tokio::time::timeout(STALLED_CLOSE_ATTEMPT, client.close(Some(frame))),
+            );
         }
         Event::Client(end) => {
             stats.closed_by = "client";
@@ -412,66 +429,24 @@ mod tests {
     const INTERVAL: Duration = Duration::from_secs(30);
     const TIMEOUT: Duration = Duration::from_secs(20);
 
-    #[test]
-    fn keepalive_pings_an_idle_client_and_gives_up_on_a_silent_one() {
-        let t0 = Instant::now();
-        let mut k = Keepalive::new(INTERVAL, TIMEOUT, t0);
-        // Early tick: wait for the rest of the interval.
-        assert_eq!(
-            k.tick(t0 + Duration::from_secs(10), true),
-            Tick::WaitUntil(t0 + INTERVAL)
-        );
-        // Idle for the interval: ping, then wait for the answer.
-        assert_eq!(
-            k.tick(t0 + INTERVAL, true),
-            Tick::Ping {
-                next: t0 + INTERVAL + TIMEOUT
-            }
-        );
-        // Still silent when the timeout is up: give up.
-        assert_eq!(k.tick(t0 + INTERVAL + TIMEOUT, true), Tick::TimedOut);
-    }
-
-    #[test]
-    fn keepalive_an_answer_resets_the_clock() {
-        let t0 = Instant::now();
-        let mut k = Keepalive::new(INTERVAL, TIMEOUT, t0);
-        assert!(matches!(k.tick(t0 + INTERVAL, true), Tick::Ping { .. }));
-        let answered = t0 + INTERVAL + Duration::from_secs(1);
-        k.client_frame(answered);
-        assert_eq!(
-            k.tick(t0 + INTERVAL + TIMEOUT, true),
-            Tick::WaitUntil(answered + INTERVAL)
-        );
-    }
-
-    #[test]
-    fn keepalive_does_not_queue_a_ping_behind_a_pending_message() {
-        let t0 = Instant::now();
-        let mut k = Keepalive::new(INTERVAL, TIMEOUT, t0);
-        assert_eq!(
-            k.tick(t0 + INTERVAL, false),
-            Tick::WaitUntil(t0 + INTERVAL + INTERVAL)
-        );
-    }
-
-    /// A relay over in-memory pipes: (client peer, backend peer, the pump's task).
-    async fn relay(
+    /// A relay over in-memory pipes whose client pipe holds `client_pipe` bytes: (the raw
+    /// client peer, backend peer, the pump's task, the shutdown token).
+    async fn relay_raw(
+        client_pipe: usize,
         ping_interval: Duration,
         pong_timeout: Duration,
     ) -> (
-        WebSocketStream<DuplexStream>,
+        DuplexStream,
         WebSocketStream<DuplexStream>,
         tokio::task::JoinHandle<RelayStats>,
         CancellationToken,
     ) {
-        let (client_peer, client_leg) = tokio::io::duplex(64 * 1024);
+        let (client_peer, client_leg) = tokio::io::duplex(client_pipe);
         let (backend_leg, backend_peer) = tokio::io::duplex(64 * 1024);
-        let ws = |io, role| WebSocketStream::from_raw_socket(io, role, None);
-        let client_peer = ws(client_peer, Role::Client).await;
-        let client_leg = ws(client_leg, Role::Server).await;
-        let backend_leg = ws(backend_leg, Role::Client).await;
-        let backend_peer = ws(backend_peer, Role::Server).await;
+        let client_leg =
+            WebSocketStream::from_raw_socket(WriteWatch::new(client_leg), Role::Server, None).await;
+        let backend_leg = WebSocketStream::from_raw_socket(backend_leg, Role::Client, None).await;
+        let backend_peer = WebSocketStream::from_raw_socket(backend_peer, Role::Server, None).await;
         let shutdown = CancellationToken::new();
         let settings = RelaySettings {
             ping_interval,
@@ -481,6 +456,56 @@ mod tests {
         };
         let task = tokio::spawn(async move { pump(client_leg, backend_leg, &settings).await });
         (client_peer, backend_peer, task, shutdown)
+    }
+
+    /// A relay over roomy in-memory pipes: (client peer, backend peer, task, shutdown).
+    async fn relay(
+        ping_interval: Duration,
+        pong_timeout: Duration,
+    ) -> (
+        WebSocketStream<DuplexStream>,
+        WebSocketStream<DuplexStream>,
+        tokio::task::JoinHandle<RelayStats>,
+        CancellationToken,
+    ) {
+        let (client_peer, backend_peer, task, shutdown) =
+            relay_raw(64 * 1024, ping_interval, pong_timeout).await;
+        let client_peer = WebSocketStream::from_raw_socket(client_peer, Role::Client, None).await;
+        (client_peer, backend_peer, task, shutdown)
+    }
+
+    /// The backend peer sends `message` every `every` (back to back when zero) until the
+    /// relay stops taking them, and hands back the Close it receives.
+    fn backend_sends(
+        backend: WebSocketStream<DuplexStream>,
+        message: Message,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<Option<CloseFrame>> {
+        tokio::spawn(async move {
+            let (mut sink, mut stream) = backend.split();
+            let sender = async {
+                while sink.send(message.clone()).await.is_ok() {
+                    if !every.is_zero() {
+                        tokio::time::sleep(every).await;
+                    }
+                }
+                // Sending failed: the relay closed. Keep reading for its Close.
+                std::future::pending::<()>().await;
+            };
+            let reader = async {
+                let mut close = None;
+                while let Some(Ok(message)) = stream.next().await {
+                    if let Message::Close(frame) = message {
+                        close = close.or(frame);
+                    }
+                }
+                close
+            };
+            tokio::select! {
+                close = reader => close,
+                () = sender => None,
+            }
+        })
     }
 
     #[tokio::test(start_paused = true)]
@@ -574,5 +599,110 @@ mod tests {
         }
         drop((client, backend));
         assert_eq!(task.await.unwrap().close_code, Some(1001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_after_the_pong_timeout() {
+        // A small pipe, never read: the client's "window" is full after a few frames.
+        let (client, backend, task, _shutdown) = relay_raw(1024, INTERVAL, TIMEOUT).await;
+        let started = Instant::now();
+        let backend = backend_sends(backend, Message::binary(vec![0u8; 4096]), Duration::ZERO);
+        let stats = task.await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(stats.closed_by, "proxy");
+        assert_eq!(stats.close_code, Some(1001));
+        assert!(
+            stats
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("took no data"),
+            "{:?}",
+            stats.error
+        );
+        // The write-stall rule ended it (the keep-alive would not even have pinged yet).
+        assert!(took >= TIMEOUT && took < INTERVAL, "ended after {took:?}");
+        let close = backend.await.unwrap().expect("a Close at the backend");
+        assert_eq!(close.code, CloseCode::Away);
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_that_keeps_reading_is_not_cut_off() {
+        use tokio::io::AsyncReadExt;
+        // No pings in this test: only the write-stall rule could end the relay.
+        let (mut client, mut backend, task, _shutdown) =
+            relay_raw(512, Duration::from_secs(3600), TIMEOUT).await;
+        let started = Instant::now();
+        backend
+            .send(Message::binary(vec![7u8; 64 * 1024]))
+            .await
+            .unwrap();
+        // 256 bytes every 5 s: minutes for the message, but never a timeout without a byte.
+        let frame = 64 * 1024 + 10;
+        let mut got = 0;
+        let mut buf = [0u8; 256];
+        while got < frame {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(!task.is_finished(), "cut off after {got} bytes");
+            got += client.read(&mut buf).await.unwrap();
+        }
+        assert_eq!(got, frame);
+        assert!(started.elapsed() > 10 * TIMEOUT, "{:?}", started.elapsed());
+        assert!(!task.is_finished());
+        drop(client);
+        assert_eq!(task.await.unwrap().closed_by, "client");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_only_receives_is_pinged_and_stays_while_it_answers() {
+        let (mut client, backend, task, _shutdown) = relay(INTERVAL, TIMEOUT).await;
+        // Messages to the client more often than the ping interval: they are no answer.
+        let _backend = backend_sends(backend, Message::text("tick"), INTERVAL / 3);
+        let started = Instant::now();
+        let (mut pings, mut ticks) = (0, 0);
+        while started.elapsed() < 4 * INTERVAL {
+            match client.next().await {
+                Some(Ok(Message::Ping(_))) => {
+                    pings += 1;
+                    client.flush().await.unwrap();
+                }
+                Some(Ok(Message::Text(_))) => ticks += 1,
+                other => panic!("expected pings and ticks, got {other:?}"),
+            }
+        }
+        assert!(pings >= 3, "{pings} pings in {:?}", started.elapsed());
+        assert!(ticks >= 10, "{ticks} ticks");
+        assert!(!task.is_finished());
+        client.close(None).await.unwrap();
+        assert_eq!(task.await.unwrap().closed_by, "client");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_but_never_answers_is_closed_after_the_pong_timeout() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, backend, task, _shutdown) = relay_raw(64 * 1024, INTERVAL, TIMEOUT).await;
+        let backend = backend_sends(backend, Message::text("tick"), INTERVAL / 3);
+        // Reads every byte (so nothing stalls), writes none: no pong ever comes back.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = client.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let started = Instant::now();
+        let stats = task.await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(stats.close_code, Some(1001));
+        assert_eq!(stats.error.as_deref(), Some("client did not answer a ping"));
+        assert!(
+            took >= INTERVAL + TIMEOUT && took < 2 * INTERVAL + TIMEOUT,
+            "ended after {took:?}"
+        );
+        let close = backend.await.unwrap().expect("a Close at the backend");
+        assert_eq!(close.code, CloseCode::Away);
+        reader.await.unwrap();
     }
 }
