@@ -26,16 +26,22 @@ pub enum BodyError {
     TooLarge(u64),
 }
 
-/// A streamed body with an idle timeout: no frame for `idle_timeout` ends it with an error
-/// (never a total timeout: a long download that keeps moving is fine). `Unpin`, as the
-/// pooled client requires of request bodies.
-pub struct Watched {
-    inner: Incoming,
+/// A streamed body with an idle timeout: asked for a frame, the stream has none for
+/// `idle_timeout`, and it ends with an error (never a total timeout: a long download that
+/// keeps moving is fine). The wait counts from when the consumer asked, not from the last
+/// frame: a consumer that was slow to ask (hyper stops asking while a slow client's socket
+/// is full) is backpressure, not an idle stream, and must not trip the timer on its next
+/// poll. A client that stops reading altogether is the socket's watchdog's business
+/// (`client_io`). `Unpin`, as the pooled client requires of request bodies.
+pub struct Watched<B = Incoming> {
+    inner: B,
     // Armed only once the stream first has to wait: a body that arrives at once never
     // touches the timer.
     idle: Option<Pin<Box<Sleep>>>,
     idle_timeout: Duration,
-    last_frame: Instant,
+    // Since when the consumer has been waiting for the next frame; `None` right after a
+    // frame (so only the first poll that has to wait reads the clock).
+    waiting_since: Option<Instant>,
     // Fires once the stream has ended (the request fully sent).
     done: Option<oneshot::Sender<()>>,
     // Request bodies only: the size limit, what has passed, and the bytes metric.
@@ -44,13 +50,13 @@ pub struct Watched {
     counter: Option<metrics::Counter>,
 }
 
-impl Watched {
-    pub fn new(inner: Incoming, idle_timeout: Duration) -> Self {
+impl<B> Watched<B> {
+    pub fn new(inner: B, idle_timeout: Duration) -> Self {
         Watched {
             inner,
             idle: None,
             idle_timeout,
-            last_frame: Instant::now(),
+            waiting_since: None,
             done: None,
             limit: u64::MAX,
             seen: 0,
@@ -61,7 +67,7 @@ impl Watched {
     /// A request body: ends with [`BodyError::TooLarge`] past `limit` bytes, counts its bytes
     /// into `counter`, and the returned receiver resolves once it has been sent whole.
     pub fn request(
-        inner: Incoming,
+        inner: B,
         idle_timeout: Duration,
         limit: u64,
         counter: metrics::Counter,
@@ -73,10 +79,7 @@ impl Watched {
     }
 
     /// Like [`Watched::new`], and the returned receiver resolves when the body has ended.
-    pub fn with_end_signal(
-        inner: Incoming,
-        idle_timeout: Duration,
-    ) -> (Self, oneshot::Receiver<()>) {
+    pub fn with_end_signal(inner: B, idle_timeout: Duration) -> (Self, oneshot::Receiver<()>) {
         let (tx, rx) = oneshot::channel();
         let mut body = Watched::new(inner, idle_timeout);
         body.done = Some(tx);
@@ -84,7 +87,11 @@ impl Watched {
     }
 }
 
-impl Body for Watched {
+impl<B> Body for Watched<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -95,7 +102,7 @@ impl Body for Watched {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.last_frame = Instant::now();
+                this.waiting_since = None;
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     this.seen += len;
@@ -117,14 +124,14 @@ impl Body for Watched {
             }
             Poll::Pending => {
                 // The timer is re-armed lazily, only when it fires: resetting it on every
-                // frame would touch the timer wheel (and its lock) per frame.
-                let deadline = this.last_frame + this.idle_timeout;
+                // wait would touch the timer wheel (and its lock) per frame.
+                let deadline =
+                    *this.waiting_since.get_or_insert_with(Instant::now) + this.idle_timeout;
                 let idle = this
                     .idle
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 loop {
                     ready!(idle.as_mut().poll(cx));
-                    let deadline = this.last_frame + this.idle_timeout;
                     if Instant::now() >= deadline {
                         return Poll::Ready(Some(Err(BodyError::IdleTimeout(this.idle_timeout))));
                     }
@@ -269,5 +276,66 @@ impl Body for RequestBody {
             RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Stream { body } => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// A body fed by the test, one frame at a time.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = BodyError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+            self.get_mut()
+                .0
+                .poll_recv(cx)
+                .map(|next| next.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn poll_once(body: &mut Watched<Fed>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let waker = std::task::Waker::noop();
+        Pin::new(body).poll_frame(&mut Context::from_waker(waker))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_consumer_does_not_trip_the_idle_timer() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut body = Watched::new(Fed(rx), Duration::from_secs(1));
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
+        // The consumer (hyper, behind a slow client) does not ask for 5 s.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            poll_once(&mut body).is_pending(),
+            "waiting starts when the consumer asks"
+        );
+        tokio::time::advance(Duration::from_millis(900)).await;
+        assert!(poll_once(&mut body).is_pending());
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        assert!(matches!(poll_once(&mut body), Poll::Ready(Some(Ok(_)))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_with_nothing_to_give_times_out() {
+        let (_tx, rx) = mpsc::channel::<Bytes>(4);
+        let mut body = Watched::new(Fed(rx), Duration::from_secs(1));
+        assert!(poll_once(&mut body).is_pending());
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(poll_once(&mut body).is_pending());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(matches!(
+            poll_once(&mut body),
+            Poll::Ready(Some(Err(BodyError::IdleTimeout(_))))
+        ));
     }
 }

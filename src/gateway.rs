@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
+use crate::client_io::FramingConflict;
 use crate::config::AuthStubMode;
 use crate::error::{ProxyError, is_browser_navigation};
 use crate::limits::{limit_class, origin_allowed};
@@ -24,7 +25,7 @@ use crate::proxy::headers::{
 use crate::proxy::{RequestContext, forward, websocket};
 use crate::responses;
 use crate::routes::{Route, chat_redirect_location, classify, is_probe, socketio_backend_path};
-use crate::state::Gateway;
+use crate::state::{Gateway, ProbeReserve};
 use crate::telemetry::AccessLog;
 
 /// Answers one request. Never fails: every error becomes a response here, and every
@@ -102,7 +103,8 @@ fn context(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr) -> RequestCo
     }
 }
 
-/// The checks before any work: the client's rate, the request's origin.
+/// The checks before any work: the connection's standing, the client's rate, the
+/// request's origin.
 fn admit(
     gw: &Gateway,
     req: &Request<Incoming>,
@@ -110,6 +112,11 @@ fn admit(
     route: Route<'_>,
     probe: bool,
 ) -> Result<(), ProxyError> {
+    if !probe && req.extensions().get::<ProbeReserve>().is_some() {
+        // Admitted beyond --max-connections for the probes only.
+        gw.metrics.refused_connection();
+        return Err(ProxyError::Overloaded);
+    }
     let path = ctx.path();
     let query = ctx.uri.query();
     let engineio = matches!(route, Route::SocketIo { .. })
@@ -206,9 +213,19 @@ async fn auth_config(
     }
 }
 
-/// Refuses what a reverse proxy must not serve: `CONNECT` (a tunnel to anywhere) and
-/// absolute-form requests for another host than the one named in `Host`.
+/// Refuses what a reverse proxy must not serve: a request whose length is ambiguous,
+/// `CONNECT` (a tunnel to anywhere) and absolute-form requests for another host than the
+/// one named in `Host`.
 fn check_request_target<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    // RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding "MAY" be
+    // rejected; it is how requests are smuggled past a proxy that reads the other length.
+    // hyper drops the Content-Length before we see the request, so the socket's framing
+    // check (`client_io`) reports it.
+    if req.extensions().get::<FramingConflict>().is_some() {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
     if req.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed);
     }
@@ -317,6 +334,23 @@ mod tests {
             .body(())
             .unwrap();
         assert!(check_request_target(&own).is_ok());
+    }
+
+    #[test]
+    fn a_request_of_ambiguous_length_is_refused() {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri("/upload")
+            .header(header::HOST, "chat.example")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(())
+            .unwrap();
+        assert!(check_request_target(&req).is_ok());
+        req.extensions_mut().insert(FramingConflict);
+        assert!(matches!(
+            check_request_target(&req),
+            Err(ProxyError::BadRequest(_))
+        ));
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! `main.rs` parses the configuration and calls [`server::run`]; everything else lives here.
 //! Layers, each importing only from those below it:
 //!
-//! - `server` (accept loop, drain) and `admin` (metrics port) call
+//! - `server` (accept loop, drain, the watched client socket of `client_io`) and `admin`
+//!   (metrics port) call
 //! - `gateway` (the request pipeline), which calls
 //! - `proxy` (`forward`, `websocket`: moving bytes to the backend) and `monitor` (probes),
 //!   which use
 //! - `state` (shared handles), `backend` (client, probe), `limits`, `telemetry`, `body`,
-//!   `error`, `responses`, and the leaves `config`, `routes`, `metrics`, `proxy::headers`.
+//!   `error`, `responses`, and the leaves `config`, `routes`, `metrics`, `proxy::headers`,
+//!   `client_io`.
 
 pub mod config;
 pub mod healthcheck;
@@ -23,6 +25,7 @@ mod admin;
 mod backend;
 mod body;
 mod chat;
+mod client_io;
 mod error;
 mod gateway;
 mod limits;

@@ -2,7 +2,7 @@
 //! `Origin` allow-list for Socket.IO and WebSockets, and which requests each applies to.
 //! The settings they read are parsed in `config::limits`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -43,20 +43,46 @@ impl LimitClass {
     }
 }
 
+/// The key a client's requests are counted under: an IPv4 address itself (an
+/// IPv4-mapped IPv6 address counts as the IPv4 address it maps), an IPv6 address by its
+/// first `ipv6_prefix` bits. One subscriber, home or cloud VM, is usually handed a whole
+/// /64 (RFC 6177, RFC 8273), and picking a fresh address in it costs nothing, so keying by
+/// the full address would hand out a new budget per request.
+pub fn rate_key(client: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => client,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let keep = u32::from(ipv6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - keep).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
+    }
+}
+
 /// The configured limiters; a class without a rate is not limited.
 #[derive(Default)]
 pub struct RateLimits {
     http: Option<DefaultKeyedRateLimiter<IpAddr>>,
     websocket: Option<DefaultKeyedRateLimiter<IpAddr>>,
     engineio: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    ipv6_prefix: u8,
 }
 
 impl RateLimits {
-    pub fn new(http: Option<Rate>, websocket: Option<Rate>, engineio: Option<Rate>) -> Self {
+    pub fn new(
+        http: Option<Rate>,
+        websocket: Option<Rate>,
+        engineio: Option<Rate>,
+        ipv6_prefix: u8,
+    ) -> Self {
         RateLimits {
             http: http.map(limiter),
             websocket: websocket.map(limiter),
             engineio: engineio.map(limiter),
+            ipv6_prefix,
         }
     }
 
@@ -64,7 +90,8 @@ impl RateLimits {
         self.http.is_some() || self.websocket.is_some() || self.engineio.is_some()
     }
 
-    /// `Err(wait)` when `client` is over its rate for `class`.
+    /// `Err(wait)` when `client` (counted under its [`rate_key`]) is over its rate for
+    /// `class`.
     pub fn check(&self, class: LimitClass, client: IpAddr) -> Result<(), Duration> {
         let limiter = match class {
             LimitClass::Http => &self.http,
@@ -74,7 +101,7 @@ impl RateLimits {
         match limiter {
             None => Ok(()),
             Some(limiter) => limiter
-                .check_key(&client)
+                .check_key(&rate_key(client, self.ipv6_prefix))
                 .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
         }
     }
@@ -170,7 +197,7 @@ mod tests {
 
     #[test]
     fn limits_allow_a_burst_then_refuse_with_a_wait() {
-        let limits = RateLimits::new(parse_rate("3/minute").unwrap(), None, None);
+        let limits = RateLimits::new(parse_rate("3/minute").unwrap(), None, None, 64);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         for _ in 0..3 {
@@ -188,6 +215,72 @@ mod tests {
         assert!(
             limits.check(LimitClass::WebSocket, a).is_ok(),
             "an unset class is not limited"
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_prefix_and_ipv4_by_address() {
+        let key = |a: &str, prefix| rate_key(a.parse().unwrap(), prefix).to_string();
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 64), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff::1", 48), "2001:db8:1::");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 128), "2001:db8:1:2:3:4:5:6");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 32), "2001:db8::");
+        assert_eq!(key("::1", 64), "::");
+        assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(
+            key("::ffff:192.0.2.7", 64),
+            "192.0.2.7",
+            "mapped counts as IPv4"
+        );
+        assert_eq!(key("::ffff:192.0.2.7", 32), "192.0.2.7");
+    }
+
+    #[test]
+    fn addresses_in_one_ipv6_prefix_share_a_budget() {
+        let limits = RateLimits::new(parse_rate("2/minute").unwrap(), None, None, 64);
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("2001:db8:0:1::1"))
+                .is_ok()
+        );
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("2001:db8:0:1::2"))
+                .is_ok()
+        );
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("2001:db8:0:1:abcd::3"))
+                .is_err(),
+            "a third address in the same /64 is over the budget"
+        );
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("2001:db8:0:2::1"))
+                .is_ok()
+        );
+        assert!(limits.check(LimitClass::Http, ip("192.0.2.1")).is_ok());
+        assert!(
+            limits
+                .check(LimitClass::Http, ip("::ffff:192.0.2.1"))
+                .is_ok()
+        );
+        assert!(
+            limits.check(LimitClass::Http, ip("192.0.2.1")).is_err(),
+            "an IPv4-mapped address shares its IPv4 address's budget"
+        );
+        assert!(limits.check(LimitClass::Http, ip("192.0.2.2")).is_ok());
+        let per_address = RateLimits::new(parse_rate("1/minute").unwrap(), None, None, 128);
+        assert!(
+            per_address
+                .check(LimitClass::Http, ip("2001:db8::1"))
+                .is_ok()
+        );
+        assert!(
+            per_address
+                .check(LimitClass::Http, ip("2001:db8::2"))
+                .is_ok()
         );
     }
 

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub ws_messages_to_backend: Counter,
     pub ws_messages_to_client: Counter,
     refused_connections: Counter,
+    probe_reserve_connections: Counter,
+    stalled_clients: Counter,
     client_connections: Gauge,
     websocket_relays: Gauge,
     backend_up: Gauge,
@@ -203,6 +205,16 @@ impl Metrics {
             None,
             "Chat messages not passed to the backend, by reason (rate, session_answers, answers, draining).",
         );
+        describe(
+            "chatgate_probe_reserve_connections_total",
+            None,
+            "Connections admitted beyond the connection limit from the probe reserve.",
+        );
+        describe(
+            "chatgate_stalled_client_connections_total",
+            None,
+            "Client connections cut because a write waited --body-idle-timeout for the client to read.",
+        );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
             recorder.register_counter(&key(name, labels), &META)
@@ -237,6 +249,8 @@ impl Metrics {
                 direction("to_client"),
             ),
             refused_connections: counter("chatgate_refused_connections_total", vec![]),
+            probe_reserve_connections: counter("chatgate_probe_reserve_connections_total", vec![]),
+            stalled_clients: counter("chatgate_stalled_client_connections_total", vec![]),
             client_connections: gauge("chatgate_client_connections"),
             websocket_relays: gauge("chatgate_websocket_relays"),
             backend_up: gauge("chatgate_backend_up"),
@@ -350,6 +364,14 @@ impl Metrics {
 
     pub fn refused_connection(&self) {
         self.refused_connections.increment(1);
+    }
+
+    pub fn probe_reserve_connection(&self) {
+        self.probe_reserve_connections.increment(1);
+    }
+
+    pub fn stalled_client(&self) {
+        self.stalled_clients.increment(1);
     }
 
     /// Counts an ended relay by its close code (a fixed set of labels).

@@ -7,16 +7,36 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{self, HeaderValue};
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::health::BackendProbe;
+use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict};
 use crate::config::Config;
 use crate::responses::TOO_MANY_CONNECTIONS;
-use crate::state::Gateway;
+use crate::state::{Gateway, PROBE_RESERVE, ProbeReserve};
+
+/// The two ways of serving a connection: keep-alive for ordinary ones; one request, then
+/// close, for one admitted from the probe reserve (so that a reserve slot is never held
+/// by an idle connection for longer than one exchange).
+struct Builders {
+    normal: http1::Builder,
+    reserve: http1::Builder,
+}
+
+/// The connection slot a connection holds for its life, and where it came from.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// From the probe reserve, beyond `--max-connections`.
+    reserve: bool,
+}
 
 /// Serves on `listener` (and the metrics on `admin`) until `stop` resolves, then drains.
 /// Returns when every connection and relay has finished or the grace period is over.
@@ -40,13 +60,19 @@ pub async fn run(
             probe_stop.clone(),
         ));
     }
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(gateway.config.server.header_read_timeout)
-        .max_headers(gateway.config.server.max_headers)
-        .max_header_size(gateway.config.server.max_header_bytes)
-        .keep_alive(true);
-    let http = Arc::new(http);
+    let builder = |keep_alive: bool| {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(gateway.config.server.header_read_timeout)
+            .max_headers(gateway.config.server.max_headers)
+            .max_header_size(gateway.config.server.max_header_bytes)
+            .keep_alive(keep_alive);
+        http
+    };
+    let http = Arc::new(Builders {
+        normal: builder(true),
+        reserve: builder(false),
+    });
     tracing::info!(
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         backend = gateway.config.backend.url.display.as_str(),
@@ -111,17 +137,32 @@ async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
 
 async fn accept(
     gateway: &Arc<Gateway>,
-    http: &Arc<http1::Builder>,
+    http: &Arc<Builders>,
     accepted: std::io::Result<(TcpStream, SocketAddr)>,
 ) {
     match accepted {
         Ok((stream, peer)) => {
-            let Ok(slot) = Arc::clone(&gateway.connection_slots).try_acquire_owned() else {
-                gateway.metrics.refused_connection();
-                // Counted in the metrics; a line per refusal would turn a flood into a log flood.
-                tracing::debug!(client = %peer, limit = gateway.config.limits.max_connections, "connection limit reached");
-                tokio::spawn(refuse(stream));
-                return;
+            let slot = match Arc::clone(&gateway.connection_slots).try_acquire_owned() {
+                Ok(permit) => Slot {
+                    _permit: permit,
+                    reserve: false,
+                },
+                Err(_) => match Arc::clone(&gateway.probe_slots).try_acquire_owned() {
+                    Ok(permit) => {
+                        gateway.metrics.probe_reserve_connection();
+                        Slot {
+                            _permit: permit,
+                            reserve: true,
+                        }
+                    }
+                    Err(_) => {
+                        gateway.metrics.refused_connection();
+                        // Counted in the metrics; a line per refusal would turn a flood into a log flood.
+                        tracing::debug!(client = %peer, limit = gateway.config.limits.max_connections, reserve = PROBE_RESERVE, "connection limit reached");
+                        tokio::spawn(refuse(stream));
+                        return;
+                    }
+                },
             };
             let _ = stream.set_nodelay(true);
             gateway.tasks.spawn(serve_connection(
@@ -151,17 +192,33 @@ async fn refuse(mut stream: TcpStream) {
 
 async fn serve_connection(
     gateway: Arc<Gateway>,
-    http: Arc<http1::Builder>,
+    http: Arc<Builders>,
     stream: TcpStream,
     peer: SocketAddr,
     // Held for the connection's life: the connection limit.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let counted = gateway.load.client_connection();
     let shutdown = gateway.shutdown.clone();
-    let service = service_fn(move |req| crate::gateway::handle(Arc::clone(&gateway), req, peer));
+    let metrics = Arc::clone(&gateway.metrics);
+    let server = &gateway.config.server;
+    let watch = Arc::new(ConnectionWatch::default());
+    let io = ClientIo::new(
+        stream,
+        Arc::clone(&watch),
+        FramingCheck::new(server.max_header_bytes, server.max_headers),
+        gateway.config.backend.body_idle_timeout,
+    );
+    let reserve = slot.reserve;
+    let http = if reserve { &http.reserve } else { &http.normal };
+    let service = {
+        let watch = Arc::clone(&watch);
+        service_fn(move |req| {
+            serve_request(Arc::clone(&gateway), req, peer, Arc::clone(&watch), reserve)
+        })
+    };
     let connection = http
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {
@@ -171,8 +228,42 @@ async fn serve_connection(
             connection.await
         }
     };
+    if watch.was_stalled() {
+        metrics.stalled_client();
+    }
     if let Err(e) = result {
         tracing::debug!(error = %e, client = %peer, "client connection ended with an error");
     }
     drop(counted);
+    drop(slot);
+}
+
+/// One request of a connection: what the connection knows goes in as request extensions
+/// (set only when there is something to say, so an ordinary request allocates nothing),
+/// and what the response means for the connection comes back into its [`ConnectionWatch`].
+async fn serve_request(
+    gateway: Arc<Gateway>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    watch: Arc<ConnectionWatch>,
+    reserve: bool,
+) -> Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible> {
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    if chunked && watch.refuses_chunked() {
+        req.extensions_mut().insert(FramingConflict);
+    }
+    if reserve {
+        req.extensions_mut().insert(ProbeReserve);
+    }
+    let mut response = crate::gateway::handle(gateway, req, peer).await?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        watch.set_upgraded();
+    } else if chunked {
+        // The framing check does not follow chunked bodies (see `client_io/framing.rs`):
+        // no request may follow one on this connection.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
 }

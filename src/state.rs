@@ -37,9 +37,25 @@ pub struct Gateway {
     pub chat: Arc<Chat>,
     /// One permit per open client connection or relay (`--max-connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// [`PROBE_RESERVE`] more, for connections that may only ask the probe routes.
+    pub probe_slots: Arc<tokio::sync::Semaphore>,
     started: Instant,
     draining: AtomicBool,
 }
+
+/// Connection slots beyond `--max-connections` that serve only `/monitor/live` and
+/// `/monitor/health` (anything else gets 503 and the connection closes): a replica busy
+/// at its limit still answers its platform's probes truly, instead of failing them and
+/// being restarted for being busy. Each such connection serves one request. Sixteen
+/// covers the probes of any platform (a few per period) with room for retries; it is not
+/// a defence against a flood aimed at the probe routes, which the platform's ingress sees
+/// first.
+pub const PROBE_RESERVE: usize = 16;
+
+/// Marks a request that came on a connection admitted from the probe reserve; set as a
+/// request extension on such connections only.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeReserve;
 
 /// Live counts of what chatgate carries, for the health document and the gauges.
 #[derive(Debug, Default)]
@@ -85,6 +101,7 @@ impl Gateway {
             config.limits.rate_http,
             config.limits.rate_websocket,
             config.limits.rate_engineio,
+            config.limits.rate_ipv6_prefix,
         );
         let metrics = Arc::new(Metrics::new());
         metrics.declare_rate_limit_classes(&LimitClass::ALL.map(LimitClass::label));
@@ -111,6 +128,7 @@ impl Gateway {
             limits,
             chat,
             connection_slots,
+            probe_slots: Arc::new(tokio::sync::Semaphore::new(PROBE_RESERVE)),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }

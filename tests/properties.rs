@@ -463,6 +463,7 @@ const SETTINGS: &[&str] = &[
     "max-connections",
     "rate-limit-http",
     "rate-limit-websocket",
+    "rate-limit-ipv6-prefix",
     "allowed-origins",
     "harden-cookies",
     "admin-listen",

@@ -51,6 +51,15 @@ pub struct LimitsSettings {
         global = true
     )]
     pub rate_limit_engineio: String,
+    /// Bits of an IPv6 client address that identify one client for the rate limits
+    /// (32..128; IPv4 clients are always counted per address).
+    #[arg(
+        long,
+        env = "CHATGATE_RATE_LIMIT_IPV6_PREFIX",
+        default_value = "64",
+        global = true
+    )]
+    pub rate_limit_ipv6_prefix: String,
     /// Comma-separated origins allowed to open Socket.IO sessions and WebSockets
     /// (e.g. https://chat.example); empty allows any.
     #[arg(
@@ -93,6 +102,8 @@ pub struct LimitsConfig {
     pub rate_http: Option<Rate>,
     pub rate_websocket: Option<Rate>,
     pub rate_engineio: Option<Rate>,
+    /// IPv6 clients are rate-limited per prefix of this many bits.
+    pub rate_ipv6_prefix: u8,
     /// Normalised `scheme://host[:port]`, lower case; empty allows any origin.
     pub allowed_origins: Vec<String>,
     pub trusted_proxies: Vec<IpNet>,
@@ -113,6 +124,10 @@ impl LimitsConfig {
         let rate_http = p.check(rate("rate-limit-http", &s.rate_limit_http));
         let rate_websocket = p.check(rate("rate-limit-websocket", &s.rate_limit_websocket));
         let rate_engineio = p.check(rate("rate-limit-engineio", &s.rate_limit_engineio));
+        let rate_ipv6_prefix = p.check(
+            count("rate-limit-ipv6-prefix", &s.rate_limit_ipv6_prefix, 32, 128)
+                .map(|bits| u8::try_from(bits).unwrap_or(128)),
+        );
         let allowed_origins = p.check(
             s.allowed_origins
                 .split(',')
@@ -130,6 +145,7 @@ impl LimitsConfig {
             rate_http: rate_http?,
             rate_websocket: rate_websocket?,
             rate_engineio: rate_engineio?,
+            rate_ipv6_prefix: rate_ipv6_prefix?,
             allowed_origins: allowed_origins?,
             trusted_proxies: trusted_proxies?,
             harden_cookies: harden_cookies?,
@@ -148,6 +164,7 @@ impl LimitsConfig {
             ("rate_limit_http", describe_rate(self.rate_http)),
             ("rate_limit_websocket", describe_rate(self.rate_websocket)),
             ("rate_limit_engineio", describe_rate(self.rate_engineio)),
+            ("rate_limit_ipv6_prefix", self.rate_ipv6_prefix.to_string()),
             ("allowed_origins", self.allowed_origins.join(",")),
             ("trusted_proxies", proxies.join(",")),
             (
@@ -250,6 +267,31 @@ mod tests {
         assert_eq!(nets.len(), 3);
         assert!(nets[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
         assert!(parse_trusted_proxies("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_ipv6_prefix_defaults_to_64_and_stays_in_range() {
+        let limits = |env: &[(&str, &str)]| {
+            let cli = crate::config::Cli::parse_with(["chatgate"], |k| {
+                env.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            })
+            .unwrap();
+            crate::config::Config::from_settings(&cli.settings)
+                .map(|c| c.limits.rate_ipv6_prefix)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(limits(&[]), Ok(64));
+        assert_eq!(limits(&[("CHATGATE_RATE_LIMIT_IPV6_PREFIX", "48")]), Ok(48));
+        assert_eq!(
+            limits(&[("CHATGATE_RATE_LIMIT_IPV6_PREFIX", "128")]),
+            Ok(128)
+        );
+        for bad in ["31", "129", "/64", ""] {
+            let e = limits(&[("CHATGATE_RATE_LIMIT_IPV6_PREFIX", bad)]).unwrap_err();
+            assert!(e.contains("rate-limit-ipv6-prefix"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub struct WebSocketSettings {
         global = true
     )]
     pub ws_max_frame: String,
-    /// Seconds of silence on a relayed WebSocket before chatgate pings the client.
+    /// Seconds without a frame from a relayed WebSocket's client before chatgate pings it.
     #[arg(
         long,
         env = "CHATGATE_WS_PING_INTERVAL",
@@ -32,7 +32,8 @@ pub struct WebSocketSettings {
         global = true
     )]
     pub ws_ping_interval: String,
-    /// Seconds to wait for any frame after a ping before closing the relay.
+    /// Seconds to wait for a frame from the client after a ping, and the longest a client's
+    /// socket may take no byte of what waits for it, before closing the relay (1001).
     #[arg(
         long,
         env = "CHATGATE_WS_PONG_TIMEOUT",

@@ -85,6 +85,30 @@ impl Proxy {
         }
     }
 
+    /// Like `start_with`, serving on a listener the caller bound (another address family,
+    /// say); the admin listener stays on 127.0.0.1.
+    pub async fn start_on(listener: TcpListener, config: Config) -> Proxy {
+        let addr = listener.local_addr().unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = admin_listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let stop_signal = async {
+            let _ = stopped.await;
+        };
+        let handle = tokio::spawn(chatgate::server::run(
+            config,
+            listener,
+            Some(admin_listener),
+            stop_signal,
+        ));
+        Proxy {
+            addr,
+            admin,
+            stop: Some(stop),
+            handle,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

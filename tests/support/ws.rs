@@ -64,6 +64,11 @@ pub enum Behaviour {
     Echo,
     /// Never read again: a slow (stuck) reader.
     NeverRead,
+    /// Send 16 KiB binary messages back to back, as fast as the relay takes them, while
+    /// reading (so the relay's Close is seen).
+    Flood,
+    /// Send `tick` every period, and echo what arrives like `Echo`.
+    Tick(Duration),
 }
 
 /// Builds a WebSocket backend.
@@ -295,9 +300,14 @@ async fn serve_ws_connection(
             return;
         }
     };
-    if options.behaviour == Behaviour::NeverRead {
-        // Hold the socket open and never read it, until the test ends.
-        std::future::pending::<()>().await;
+    match options.behaviour {
+        Behaviour::NeverRead => {
+            // Hold the socket open and never read it, until the test ends.
+            std::future::pending::<()>().await;
+        }
+        Behaviour::Flood => return flood(ws, events).await,
+        Behaviour::Tick(every) => return tick(ws, every, events).await,
+        Behaviour::Echo => {}
     }
     while let Some(item) = ws.next().await {
         match item {
@@ -337,6 +347,78 @@ async fn serve_ws_connection(
             Err(e) => {
                 let _ = events.send(BackendEvent::Failed(e.to_string()));
                 break;
+            }
+        }
+    }
+    let _ = events.send(BackendEvent::Ended);
+}
+
+/// Reports one item a backend read as an event; false when the connection is done.
+fn report_received(
+    item: Option<Result<Message, WsError>>,
+    events: &mpsc::UnboundedSender<BackendEvent>,
+) -> bool {
+    match item {
+        Some(Ok(Message::Close(frame))) => {
+            let frame = frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+            let _ = events.send(BackendEvent::Closed(frame));
+            true
+        }
+        Some(Ok(message)) => {
+            let _ = events.send(BackendEvent::Received(message));
+            true
+        }
+        Some(Err(e)) => {
+            let _ = events.send(BackendEvent::Failed(e.to_string()));
+            false
+        }
+        None => false,
+    }
+}
+
+async fn flood(ws: WebSocketStream<TcpStream>, events: mpsc::UnboundedSender<BackendEvent>) {
+    let (mut sink, mut stream) = ws.split();
+    let message = Message::binary(vec![0x5a; 16 * 1024]);
+    let sender = async {
+        while sink.send(message.clone()).await.is_ok() {}
+        // The relay is closing: keep reading for its Close.
+        std::future::pending::<()>().await;
+    };
+    let reader = async { while report_received(stream.next().await, &events) {} };
+    tokio::select! {
+        () = reader => {}
+        () = sender => {}
+    }
+    let _ = events.send(BackendEvent::Ended);
+}
+
+async fn tick(
+    ws: WebSocketStream<TcpStream>,
+    every: Duration,
+    events: mpsc::UnboundedSender<BackendEvent>,
+) {
+    let (mut sink, mut stream) = ws.split();
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            item = stream.next() => {
+                let echo = match &item {
+                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => Some(m.clone()),
+                    _ => None,
+                };
+                if !report_received(item, &events) {
+                    break;
+                }
+                if let Some(echo) = echo {
+                    if sink.send(echo).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                if sink.send(Message::text("tick")).await.is_err() {
+                    break;
+                }
             }
         }
     }
@@ -496,7 +578,20 @@ impl RawFrame {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr, path: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        RawClient::handshake(stream, addr, path).await
+    }
+
+    /// Connects with SO_RCVBUF set to `bytes` (before the connect, so the window it
+    /// advertises is that small): a client that stops reading shows a zero window at once.
+    pub async fn connect_with_recv_buffer(addr: SocketAddr, path: &str, bytes: u32) -> RawClient {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        RawClient::handshake(stream, addr, path).await
+    }
+
+    async fn handshake(mut stream: TcpStream, addr: SocketAddr, path: &str) -> RawClient {
         let request = format!(
             "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"

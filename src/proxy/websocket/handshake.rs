@@ -155,8 +155,21 @@ pub async fn backend_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 
     let mut buf = head;
     buf.clear();
+    // Interim answers skipped so far: they count against the head limit too.
+    let mut skipped = 0;
     let (status, headers, head_len) = loop {
-        if buf.len() >= MAX_HANDSHAKE_HEAD {
+        if let Some((status, headers, len)) = parse_answer_head(&buf).map_err(failed)? {
+            // RFC 9110 §15.2: a client must be able to parse 1xx answers before the final
+            // one. `100 Continue` and `103 Early Hints` mean nothing to a WebSocket client,
+            // and hyper's server cannot pass an interim answer on: skip them.
+            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                skipped += len;
+                buf.drain(..len);
+                continue;
+            }
+            break (status, headers, len);
+        }
+        if skipped + buf.len() >= MAX_HANDSHAKE_HEAD {
             return Err(failed("answer head too large".into()));
         }
         buf.reserve(1024);
@@ -168,45 +181,12 @@ pub async fn backend_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         {
             return Err(failed("connection closed before an answer".into()));
         }
-        let mut slots = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Response::new(&mut slots);
-        match parsed.parse(&buf) {
-            Ok(httparse::Status::Partial) => continue,
-            Err(e) => return Err(failed(format!("malformed answer: {e}"))),
-            Ok(httparse::Status::Complete(len)) => {
-                let status = StatusCode::from_u16(parsed.code.unwrap_or(0))
-                    .map_err(|_| failed("bad status".into()))?;
-                let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-                for h in parsed.headers.iter() {
-                    if let (Ok(name), Ok(value)) = (
-                        HeaderName::from_bytes(h.name.as_bytes()),
-                        HeaderValue::from_bytes(h.value),
-                    ) {
-                        headers.append(name, value);
-                    }
-                }
-                break (status, headers, len);
-            }
-        }
     };
     let rest = buf.split_off(head_len);
 
     if status != StatusCode::SWITCHING_PROTOCOLS {
-        // A refusal: pass its body on, as much as it declared (bounded).
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-            .unwrap_or(rest.len())
-            .min(MAX_REFUSAL_BODY);
-        let mut body = rest;
-        while body.len() < declared {
-            body.reserve(declared - body.len());
-            match stream.read_buf(&mut body).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        body.truncate(declared);
+        // A refusal: pass its body on, framed as RFC 9112 §6.3 says, bounded.
+        let body = read_refusal_body(stream, refusal_framing(status, &headers), rest).await;
         let mut refusal = Response::new(ProxyBody::full(Bytes::from(body)));
         *refusal.status_mut() = status;
         let mut headers = headers;
@@ -251,6 +231,180 @@ pub async fn backend_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         headers,
         leftover: rest,
     })
+}
+
+/// Parses an answer head from the start of `buf`: `None` while it is incomplete.
+fn parse_answer_head(buf: &[u8]) -> Result<Option<(StatusCode, HeaderMap, usize)>, String> {
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut slots);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(format!("malformed answer: {e}")),
+        Ok(httparse::Status::Complete(len)) => {
+            let status = StatusCode::from_u16(parsed.code.unwrap_or(0))
+                .map_err(|_| "bad status".to_owned())?;
+            let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+            for h in parsed.headers.iter() {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(h.value),
+                ) {
+                    headers.append(name, value);
+                }
+            }
+            Ok(Some((status, headers, len)))
+        }
+    }
+}
+
+/// How a refusal's body ends (RFC 9112 §6.3).
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    /// 204 and 304 have none.
+    Empty,
+    /// `Transfer-Encoding` with `chunked` last.
+    Chunked,
+    /// `Content-Length` (only when there is no `Transfer-Encoding`).
+    Length(usize),
+    /// Neither: the body runs until the backend closes.
+    UntilClose,
+}
+
+fn refusal_framing(status: StatusCode, headers: &HeaderMap) -> Framing {
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Framing::Empty;
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // The last coding of the last line decides; anything but chunked runs until close.
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim);
+        return if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        };
+    }
+    match headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<usize>().ok())
+    {
+        Some(length) => Framing::Length(length),
+        None => Framing::UntilClose,
+    }
+}
+
+/// Bytes of chunk framing read beyond the body limit before giving up on a chunked body
+/// (tiny chunks or long chunk extensions cost framing, not body).
+const MAX_CHUNK_OVERHEAD: usize = 64 * 1024;
+
+/// Reads a refusal's body after its head (`rest` is what came with the head), at most
+/// `MAX_REFUSAL_BODY` of it. The caller's handshake timeout bounds the time. A body cut short
+/// (the backend closed early, or broke the chunked framing) is passed on as far as it came:
+/// the refusal's status is what the client needs.
+async fn read_refusal_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    framing: Framing,
+    rest: Vec<u8>,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    match framing {
+        Framing::Empty => Vec::new(),
+        Framing::Length(_) | Framing::UntilClose => {
+            let wanted = match framing {
+                Framing::Length(length) => length.min(MAX_REFUSAL_BODY),
+                _ => MAX_REFUSAL_BODY,
+            };
+            let mut body = rest;
+            while body.len() < wanted {
+                body.reserve(wanted - body.len());
+                match stream.read_buf(&mut body).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            body.truncate(wanted);
+            body
+        }
+        Framing::Chunked => {
+            let mut raw = rest;
+            let mut body = Vec::new();
+            let mut read = raw.len();
+            // Done, or framing broken: either way the body ends here.
+            while let Ok(Chunks::More) = decode_chunks(&mut raw, &mut body, MAX_REFUSAL_BODY) {
+                if read >= MAX_REFUSAL_BODY + MAX_CHUNK_OVERHEAD {
+                    break;
+                }
+                raw.reserve(4096);
+                match stream.read_buf(&mut raw).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+            body
+        }
+    }
+}
+
+/// What `decode_chunks` made of its input.
+#[derive(Debug, PartialEq, Eq)]
+enum Chunks {
+    /// The body goes on: read more.
+    More,
+    /// The last chunk arrived, or the body reached its limit.
+    Done,
+}
+
+/// Decodes the complete chunks at the start of `raw` (RFC 9112 §7.1) into `body`, up to
+/// `limit` bytes of body, and removes what it used from `raw`. httparse reads each chunk's
+/// size line; the rest is this loop. Trailers are not read: the leg closes after a refusal.
+fn decode_chunks(
+    raw: &mut Vec<u8>,
+    body: &mut Vec<u8>,
+    limit: usize,
+) -> Result<Chunks, &'static str> {
+    let mut used = 0;
+    let result = loop {
+        let (size_line, size) = match httparse::parse_chunk_size(&raw[used..]) {
+            Ok(httparse::Status::Complete(parsed)) => parsed,
+            Ok(httparse::Status::Partial) => break Ok(Chunks::More),
+            Err(_) => break Err("malformed chunk size"),
+        };
+        if size == 0 {
+            used += size_line;
+            break Ok(Chunks::Done);
+        }
+        let start = used + size_line;
+        let available = raw.len() - start;
+        let room = limit - body.len();
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        if size > room {
+            // Past the limit: keep what fits, then stop.
+            if available >= room {
+                body.extend_from_slice(&raw[start..start + room]);
+                used = start + room;
+                break Ok(Chunks::Done);
+            }
+            break Ok(Chunks::More);
+        }
+        if available < size + 2 {
+            break Ok(Chunks::More);
+        }
+        if &raw[start + size..start + size + 2] != b"\r\n" {
+            break Err("chunk not followed by CRLF");
+        }
+        body.extend_from_slice(&raw[start..start + size]);
+        used = start + size + 2;
+        if body.len() == limit {
+            break Ok(Chunks::Done);
+        }
+    };
+    raw.drain(..used);
+    result
 }
 
 #[cfg(test)]
@@ -362,5 +516,204 @@ mod tests {
         assert_eq!(r.headers()["sec-websocket-protocol"], "chat");
         assert_eq!(r.headers()["set-cookie"], "a=b");
         assert_eq!(r.headers()["upgrade"], "websocket");
+    }
+
+    fn head(lines: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in lines {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn refusal_framing_follows_rfc_9112() {
+        let framing = |status: u16, lines: &[(&str, &str)]| {
+            refusal_framing(StatusCode::from_u16(status).unwrap(), &head(lines))
+        };
+        assert_eq!(
+            framing(403, &[("content-length", "12")]),
+            Framing::Length(12)
+        );
+        assert_eq!(
+            framing(403, &[("transfer-encoding", "chunked")]),
+            Framing::Chunked
+        );
+        assert_eq!(
+            framing(403, &[("transfer-encoding", "gzip, Chunked")]),
+            Framing::Chunked
+        );
+        // Transfer-Encoding wins over Content-Length (§6.3 item 3).
+        assert_eq!(
+            framing(
+                403,
+                &[("content-length", "3"), ("transfer-encoding", "chunked")]
+            ),
+            Framing::Chunked
+        );
+        assert_eq!(
+            framing(403, &[("transfer-encoding", "chunked, gzip")]),
+            Framing::UntilClose
+        );
+        assert_eq!(framing(403, &[]), Framing::UntilClose);
+        assert_eq!(
+            framing(403, &[("content-length", "lots")]),
+            Framing::UntilClose
+        );
+        assert_eq!(framing(204, &[("content-length", "5")]), Framing::Empty);
+        assert_eq!(framing(304, &[]), Framing::Empty);
+    }
+
+    #[test]
+    fn chunks_decode_whole_or_byte_by_byte() {
+        let wire: &[u8] = b"5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nx-trailer: 1\r\n\r\n";
+        let mut raw = wire.to_vec();
+        let mut body = Vec::new();
+        assert_eq!(decode_chunks(&mut raw, &mut body, 1024), Ok(Chunks::Done));
+        assert_eq!(body, b"hello world!");
+
+        // Arriving a byte at a time, the result is the same.
+        let mut raw = Vec::new();
+        let mut body = Vec::new();
+        let mut done = false;
+        for byte in wire {
+            raw.push(*byte);
+            if decode_chunks(&mut raw, &mut body, 1024) == Ok(Chunks::Done) {
+                done = true;
+                break;
+            }
+        }
+        assert!(done);
+        assert_eq!(body, b"hello world!");
+    }
+
+    #[test]
+    fn chunks_stop_at_the_limit_and_on_bad_framing() {
+        let mut raw = b"a\r\n0123456789\r\n5\r\nabcde\r\n".to_vec();
+        let mut body = Vec::new();
+        assert_eq!(decode_chunks(&mut raw, &mut body, 12), Ok(Chunks::Done));
+        assert_eq!(body, b"0123456789ab");
+
+        // A huge declared chunk does not make the decoder wait for (or hold) all of it.
+        let mut raw = b"ffffffff\r\nxyz".to_vec();
+        let mut body = Vec::new();
+        assert_eq!(decode_chunks(&mut raw, &mut body, 3), Ok(Chunks::Done));
+        assert_eq!(body, b"xyz");
+
+        let mut body = Vec::new();
+        assert!(decode_chunks(&mut b"zz\r\n".to_vec(), &mut body, 64).is_err());
+        assert!(decode_chunks(&mut b"2\r\nabX\r\n".to_vec(), &mut body, 64).is_err());
+        // Incomplete: asks for more, keeps what it could not use yet.
+        let mut raw = b"5\r\nhel".to_vec();
+        let mut body = Vec::new();
+        assert_eq!(decode_chunks(&mut raw, &mut body, 64), Ok(Chunks::More));
+        assert_eq!(raw, b"5\r\nhel");
+    }
+
+    /// Runs `backend_handshake` against a scripted backend that writes `answer` in pieces.
+    async fn handshake_against(answer: Vec<&'static [u8]>) -> Result<BackendAnswer, ProxyError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let request = backend_handshake_request(
+            "ws://127.0.0.1:1/ws/".parse().unwrap(),
+            head(&[("host", "chat.example")]),
+        );
+        let key = request.headers()["sec-websocket-key"].clone();
+        let backend = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !seen.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                theirs.read_exact(&mut byte).await.unwrap();
+                seen.push(byte[0]);
+            }
+            let accept = derive_accept_key(key.as_bytes());
+            for piece in answer {
+                let mut bytes = piece.to_vec();
+                if let Some(at) = piece.windows(8).position(|w| w == b"{accept}") {
+                    bytes.splice(at..at + 8, accept.bytes());
+                }
+                theirs.write_all(&bytes).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            // Closing ends a body that runs until close; what was written is still read.
+        });
+        let result = backend_handshake(&mut ours, &request).await;
+        backend.await.unwrap();
+        result
+    }
+
+    const ACCEPTED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+        connection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n\x81\x020x";
+
+    #[tokio::test]
+    async fn informational_answers_before_the_101_are_skipped() {
+        let answer = handshake_against(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </app.js>\r\n\r\n",
+            ACCEPTED,
+        ])
+        .await;
+        match answer {
+            Ok(BackendAnswer::Accepted { leftover, .. }) => assert_eq!(leftover, b"\x81\x020x"),
+            Ok(BackendAnswer::Refused(r)) => panic!("refused with {}", r.status()),
+            Err(e) => panic!("failed: {e}"),
+        }
+        // All in one piece too.
+        let answer = handshake_against(vec![b"HTTP/1.1 100 Continue\r\n\r\n", ACCEPTED]).await;
+        assert!(matches!(answer, Ok(BackendAnswer::Accepted { .. })));
+    }
+
+    #[tokio::test]
+    async fn endless_informational_answers_hit_the_head_limit() {
+        let answer = handshake_against(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\n";
+            MAX_HANDSHAKE_HEAD / 20
+        ])
+        .await;
+        match answer {
+            Err(e) => assert!(e.to_string().contains("too large"), "{e}"),
+            Ok(_) => panic!("expected the head limit"),
+        }
+    }
+
+    async fn refusal_body(answer: Vec<&'static [u8]>) -> (StatusCode, Vec<u8>) {
+        use http_body_util::BodyExt;
+        match handshake_against(answer).await {
+            Ok(BackendAnswer::Refused(r)) => {
+                let status = r.status();
+                assert!(r.headers().get("transfer-encoding").is_none());
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                (status, body.to_vec())
+            }
+            Ok(BackendAnswer::Accepted { .. }) => panic!("accepted"),
+            Err(e) => panic!("failed: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunked_refusal_arrives_decoded_and_whole() {
+        let (status, body) = refusal_body(vec![
+            b"HTTP/1.1 403 Forbidden\r\ntransfer-encoding: chunked\r\n\r\n7\r\nnot you",
+            b"\r\n",
+            b"1\r\n,\r\n6\r\n sorr",
+            b"y\r\n0\r\n\r\n",
+        ])
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(body, b"not you, sorry");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_without_a_length_is_read_until_close() {
+        let (status, body) = refusal_body(vec![
+            b"HTTP/1.1 401 Unauthorized\r\n\r\nlog",
+            b" in ",
+            b"first",
+        ])
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, b"log in first");
     }
 }

@@ -27,8 +27,9 @@ use crate::metrics::Metrics;
 
 /// How long a closing handshake may take before the connections are dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a client whose socket stalled gets to take the Close before it is dropped.
-const STALLED_CLOSE_ATTEMPT: Duration = Duration::from_secs(1);
+/// How long a client whose socket stalled gets to take the Close before it is dropped. Short:
+/// the Close queues behind everything the client has not taken, so it rarely gets through.
+const STALLED_CLOSE_ATTEMPT: Duration = Duration::from_millis(250);
 /// Payload of chatgate's own keep-alive pings, so their pongs are not relayed.
 const KEEPALIVE_PAYLOAD: &[u8] = b"chatgate-keepalive";
 

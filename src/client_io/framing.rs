@@ -1,0 +1,386 @@
+//! Request framing, checked on the raw bytes as they arrive: finds each request head in the
+//! client's byte stream and flags one that carries both `Content-Length` and
+//! `Transfer-Encoding` (RFC 9112 §6.1: "A server MAY reject a request that contains both
+//! Content-Length and Transfer-Encoding"; nginx and Envoy do, as request smuggling needs it).
+//!
+//! Why by hand, next to hyper: hyper resolves that conflict itself (chunked wins) and
+//! removes `Content-Length` from the parsed head in either header order
+//! (`proto/h1/role.rs`, `Server::parse`: a `Content-Length` after `Transfer-Encoding` is
+//! skipped, one before it is removed), so the service never sees it, and hyper has no hook
+//! on the raw head. This check parses heads with the same parser (httparse, default
+//! settings, the same header limits), so both agree on where a head ends.
+//!
+//! Finding the *next* head on a keep-alive connection needs the previous message's length.
+//! A `Content-Length` body is counted off here; a chunked body is not followed at all:
+//! the connection closes after any request with `Transfer-Encoding` (the server adds
+//! `Connection: close` to its response), so no head can follow one. That keeps this a head
+//! parser and a byte counter rather than a second HTTP/1 decoder that could drift from
+//! hyper's.
+
+use std::mem::MaybeUninit;
+
+/// Where the check is in the client's byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Position {
+    /// At a message boundary: the next bytes begin a request head.
+    Head,
+    /// Inside a `Content-Length` body: this many bytes before the next head.
+    Body(u64),
+    /// No longer following the stream (see [`Outcome`]).
+    Stopped,
+}
+
+/// What a call to [`FramingCheck::inspect`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to report: the check goes on.
+    Continue,
+    /// A head with both `Content-Length` and `Transfer-Encoding`. The check stops.
+    Conflict,
+    /// A chunked request: the connection ends after it, so the check stops, content.
+    Chunked,
+    /// A head the check could not follow (malformed, too large, a bad `Content-Length`):
+    /// hyper refuses such a head too. The check stops; it fails closed (see the caller).
+    Lost,
+}
+
+/// The incremental head finder for one connection. Allocation-free on the common path:
+/// a head that arrives within one read is parsed in place; only a head split across reads
+/// is gathered (up to `max_head_bytes`).
+#[derive(Debug)]
+pub struct FramingCheck {
+    position: Position,
+    partial: Vec<u8>,
+    max_head_bytes: usize,
+    max_headers: usize,
+}
+
+/// Header slots on the stack; a configuration allowing more uses the heap.
+const STACK_HEADERS: usize = 128;
+
+impl FramingCheck {
+    pub fn new(max_head_bytes: usize, max_headers: usize) -> Self {
+        FramingCheck {
+            position: Position::Head,
+            partial: Vec::new(),
+            max_head_bytes,
+            max_headers,
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.position == Position::Stopped
+    }
+
+    /// Stops the check for good (the connection was upgraded: what follows is not HTTP).
+    pub fn stop(&mut self) {
+        self.position = Position::Stopped;
+        self.partial = Vec::new();
+    }
+
+    /// Takes the next bytes the client sent, in order.
+    pub fn inspect(&mut self, mut bytes: &[u8]) -> Outcome {
+        while !bytes.is_empty() {
+            match self.position {
+                Position::Stopped => return Outcome::Continue,
+                Position::Body(left) => {
+                    let skip = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+                    bytes = &bytes[skip..];
+                    let left = left - skip as u64;
+                    self.position = if left == 0 {
+                        Position::Head
+                    } else {
+                        Position::Body(left)
+                    };
+                }
+                Position::Head => {
+                    let (used, outcome) = self.head(bytes);
+                    if outcome != Outcome::Continue {
+                        self.stop();
+                        return outcome;
+                    }
+                    bytes = &bytes[used..];
+                }
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// Parses the head that starts with what was gathered so far plus `bytes`; returns how
+    /// many of `bytes` it used (all of them while the head is incomplete).
+    fn head(&mut self, bytes: &[u8]) -> (usize, Outcome) {
+        if self.partial.is_empty() {
+            return match self.parse(bytes) {
+                Parsed::Complete(len, framing) => (len, self.after_head(framing)),
+                Parsed::Partial => self.gather(bytes),
+                Parsed::Invalid => (bytes.len(), Outcome::Lost),
+            };
+        }
+        let before = self.partial.len();
+        // At most one byte past the limit: enough to tell "too large" from "complete".
+        let room = (self.max_head_bytes + 1).saturating_sub(before);
+        let take = room.min(bytes.len());
+        self.partial.extend_from_slice(&bytes[..take]);
+        let partial = std::mem::take(&mut self.partial);
+        let result = match self.parse(&partial) {
+            Parsed::Complete(len, framing) => (len - before, self.after_head(framing)),
+            Parsed::Partial if partial.len() > self.max_head_bytes => (take, Outcome::Lost),
+            Parsed::Partial => {
+                self.partial = partial;
+                return (take, Outcome::Continue);
+            }
+            Parsed::Invalid => (take, Outcome::Lost),
+        };
+        // Keep the allocation for the next split head.
+        self.partial = partial;
+        self.partial.clear();
+        result
+    }
+
+    fn gather(&mut self, bytes: &[u8]) -> (usize, Outcome) {
+        if bytes.len() > self.max_head_bytes {
+            return (bytes.len(), Outcome::Lost);
+        }
+        self.partial.extend_from_slice(bytes);
+        (bytes.len(), Outcome::Continue)
+    }
+
+    fn after_head(&mut self, framing: Framing) -> Outcome {
+        match framing {
+            Framing::Conflict => Outcome::Conflict,
+            Framing::Chunked => Outcome::Chunked,
+            Framing::BadLength => Outcome::Lost,
+            Framing::Length(0) => {
+                self.position = Position::Head;
+                Outcome::Continue
+            }
+            Framing::Length(n) => {
+                self.position = Position::Body(n);
+                Outcome::Continue
+            }
+        }
+    }
+
+    fn parse(&self, buf: &[u8]) -> Parsed {
+        if self.max_headers <= STACK_HEADERS {
+            let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+            parse_head(buf, &mut slots[..self.max_headers], self.max_head_bytes)
+        } else {
+            let mut slots = Vec::with_capacity(self.max_headers);
+            slots.resize_with(self.max_headers, MaybeUninit::uninit);
+            parse_head(buf, &mut slots, self.max_head_bytes)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    Conflict,
+    BadLength,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parsed {
+    Complete(usize, Framing),
+    Partial,
+    Invalid,
+}
+
+fn parse_head<'b>(
+    buf: &'b [u8],
+    slots: &mut [MaybeUninit<httparse::Header<'b>>],
+    max_head_bytes: usize,
+) -> Parsed {
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, slots)
+    {
+        Ok(httparse::Status::Complete(len)) if len <= max_head_bytes => len,
+        Ok(httparse::Status::Complete(_)) | Err(_) => return Parsed::Invalid,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+    };
+    let mut chunked = false;
+    let mut length: Option<u64> = None;
+    let mut bad_length = false;
+    for header in req.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        } else if header.name.eq_ignore_ascii_case("content-length") {
+            match (digits(header.value), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => bad_length = true,
+            }
+        }
+    }
+    let framing = match (chunked, length.is_some() || bad_length) {
+        // Any Content-Length line counts, valid or not: hyper does not even read one that
+        // follows Transfer-Encoding.
+        (true, true) => Framing::Conflict,
+        // A Transfer-Encoding that is not chunked is refused by hyper (400); either way
+        // the connection ends after this request.
+        (true, false) => Framing::Chunked,
+        (false, _) if bad_length => Framing::BadLength,
+        (false, _) => Framing::Length(length.unwrap_or(0)),
+    };
+    Parsed::Complete(len, framing)
+}
+
+/// A `Content-Length` value as hyper reads it: ASCII digits only, no sign, no overflow.
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check() -> FramingCheck {
+        FramingCheck::new(1024, 16)
+    }
+
+    /// Feeds `stream` split at every position, and all at once; every split must agree.
+    fn outcome_of(stream: &[u8]) -> Outcome {
+        let whole = check().inspect(stream);
+        for split in 1..stream.len() {
+            let mut c = check();
+            let first = c.inspect(&stream[..split]);
+            let outcome = if first == Outcome::Continue {
+                c.inspect(&stream[split..])
+            } else {
+                first
+            };
+            assert_eq!(outcome, whole, "split at {split}");
+        }
+        for step in [1, 3, 7] {
+            let mut c = check();
+            let mut outcome = Outcome::Continue;
+            for piece in stream.chunks(step) {
+                outcome = c.inspect(piece);
+                if outcome != Outcome::Continue {
+                    break;
+                }
+            }
+            assert_eq!(outcome, whole, "in pieces of {step}");
+        }
+        whole
+    }
+
+    #[test]
+    fn both_lengths_are_a_conflict_in_either_order() {
+        for head in [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: junk\r\n\r\n",
+        ] {
+            assert_eq!(outcome_of(head.as_bytes()), Outcome::Conflict, "{head}");
+        }
+    }
+
+    #[test]
+    fn a_conflict_behind_keep_alive_requests_is_found() {
+        let body = "Transfer-Encoding: chunked\r\n\r\n";
+        let stream = format!(
+            "\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+             POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}\
+             POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            body.len()
+        );
+        assert_eq!(outcome_of(stream.as_bytes()), Outcome::Conflict);
+    }
+
+    #[test]
+    fn a_body_that_looks_like_a_head_is_skipped() {
+        // The body of /b is a whole conflicting head; it is body, not a request.
+        let body = "POST /c HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let stream = format!(
+            "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}\
+             GET /d HTTP/1.1\r\nHost: x\r\n\r\n",
+            body.len()
+        );
+        assert_eq!(outcome_of(stream.as_bytes()), Outcome::Continue);
+        let mut c = check();
+        assert_eq!(c.inspect(stream.as_bytes()), Outcome::Continue);
+        assert!(!c.is_stopped(), "still at a boundary after /d");
+    }
+
+    #[test]
+    fn a_chunked_request_stops_the_check_without_a_conflict() {
+        let stream = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(outcome_of(stream), Outcome::Chunked);
+    }
+
+    #[test]
+    fn what_hyper_refuses_stops_the_check() {
+        for stream in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            b"\x16\x03\x01 not http\r\n\r\n",
+        ] {
+            assert_eq!(outcome_of(stream), Outcome::Lost, "{stream:?}");
+        }
+        let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        huge.resize(2000, b'a');
+        assert_eq!(outcome_of(&huge), Outcome::Lost);
+        let many: String = (0..20).map(|i| format!("X-{i}: y\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(outcome_of(many.as_bytes()), Outcome::Lost);
+    }
+
+    #[test]
+    fn equal_duplicate_lengths_are_followed() {
+        let stream = b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi\
+            POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(outcome_of(stream), Outcome::Conflict);
+    }
+
+    #[test]
+    fn a_stopped_check_ignores_what_follows() {
+        let mut c = check();
+        c.stop();
+        assert_eq!(
+            c.inspect(
+                b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ),
+            Outcome::Continue
+        );
+    }
+
+    #[test]
+    fn many_headers_use_the_heap_and_still_parse() {
+        let mut c = FramingCheck::new(1 << 16, 500);
+        let many: String = (0..300).map(|i| format!("X-{i}: y\r\n")).collect();
+        let head = format!(
+            "POST / HTTP/1.1\r\n{many}Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        assert_eq!(c.inspect(head.as_bytes()), Outcome::Conflict);
+    }
+
+    #[test]
+    fn lengths_parse_like_hyper() {
+        assert_eq!(digits(b"0"), Some(0));
+        assert_eq!(digits(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"-1",
+            b"1,1",
+            b" 1",
+            b"0x1",
+        ] {
+            assert_eq!(digits(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The client connection's socket, watched on its way to hyper: the request heads as they
+//! pass (the framing check, `framing.rs`) and the writes (a client that stops reading is
+//! cut). What it learns reaches the request pipeline through [`ConnectionWatch`].
+//!
+//! Why a wrapper around the socket: hyper polls a response body only while its write buffer
+//! has room, so once a client stops reading, nothing above the socket runs at all, and no
+//! body timer can notice. Only the socket sees a write that cannot finish.
+
+mod framing;
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+pub use framing::{FramingCheck, Outcome};
+
+/// Marks a request on a connection whose framing check found a head with both
+/// `Content-Length` and `Transfer-Encoding` (or lost track of the stream): the pipeline
+/// refuses it with 400. Set as a request extension only on such connections.
+#[derive(Debug, Clone, Copy)]
+pub struct FramingConflict;
+
+/// What a connection's socket wrapper and its request handling tell each other. Relaxed
+/// atomics: each flag is written once and read in the same task.
+#[derive(Debug, Default)]
+pub struct ConnectionWatch {
+    /// A request head had both lengths, or the check could not follow the stream: a
+    /// chunked request on this connection is refused (fail closed).
+    refuse_chunked: AtomicBool,
+    /// The connection became a WebSocket (101): no more HTTP heads to check, and the
+    /// relay keeps its own timers, so the write watchdog stands down.
+    upgraded: AtomicBool,
+    /// The write watchdog cut the connection.
+    stalled: AtomicBool,
+}
+
+impl ConnectionWatch {
+    pub fn refuses_chunked(&self) -> bool {
+        self.refuse_chunked.load(Ordering::Relaxed)
+    }
+
+    pub fn set_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Relaxed)
+    }
+
+    pub fn was_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+}
+
+/// A client socket with the framing check on reads and a write-progress watchdog: a write
+/// that has waited `stall_timeout` for room in the socket fails with `TimedOut`, which
+/// ends the hyper connection (and drops the response body, and so the backend exchange).
+///
+/// One timer per connection, armed lazily: only when a write first has to wait, and then
+/// moved, in place, only when it fires early (a newer wait began since). A download to a
+/// client that keeps up never touches it.
+pub struct ClientIo<T> {
+    inner: T,
+    watch: Arc<ConnectionWatch>,
+    framing: FramingCheck,
+    stall_timeout: Duration,
+    // Since when the current write has been waiting; `None` while writes go through.
+    blocked_since: Option<Instant>,
+    stall_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> ClientIo<T> {
+    pub fn new(
+        inner: T,
+        watch: Arc<ConnectionWatch>,
+        framing: FramingCheck,
+        stall_timeout: Duration,
+    ) -> Self {
+        ClientIo {
+            inner,
+            watch,
+            framing,
+            stall_timeout,
+            blocked_since: None,
+            stall_timer: None,
+        }
+    }
+
+    /// The write could not go through: wait for room, but no longer than `stall_timeout`
+    /// since the wait began.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.watch.is_upgraded() {
+            return Poll::Pending;
+        }
+        let deadline = *self.blocked_since.get_or_insert_with(Instant::now) + self.stall_timeout;
+        let timer = self
+            .stall_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if Instant::now() >= deadline {
+                self.watch.stalled.store(true, Ordering::Relaxed);
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client accepted no bytes for {:?}", self.stall_timeout),
+                )));
+            }
+            // Armed for an earlier wait: move it to this one's deadline.
+            timer.as_mut().reset(deadline);
+        }
+    }
+
+    fn progress<R>(&mut self, result: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if result.is_ready() {
+            self.blocked_since = None;
+        }
+        result
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if !this.framing.is_stopped() {
+            if this.watch.is_upgraded() {
+                this.framing.stop();
+            } else {
+                match this.framing.inspect(&buf.filled()[before..]) {
+                    Outcome::Continue | Outcome::Chunked => {}
+                    Outcome::Conflict | Outcome::Lost => {
+                        this.watch.refuse_chunked.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => this.poll_stall(cx),
+            done => this.progress(done),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.poll_stall(cx),
+            done => this.progress(done),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn wrap(
+        io: tokio::io::DuplexStream,
+        timeout: Duration,
+    ) -> (ClientIo<tokio::io::DuplexStream>, Arc<ConnectionWatch>) {
+        let watch = Arc::new(ConnectionWatch::default());
+        let io = ClientIo::new(io, Arc::clone(&watch), FramingCheck::new(4096, 32), timeout);
+        (io, watch)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_waits_too_long_fails() {
+        let (ours, mut client) = tokio::io::duplex(16);
+        let (mut io, watch) = wrap(ours, Duration::from_secs(5));
+        let started = Instant::now();
+        let err = io.write_all(&[0u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(watch.was_stalled());
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        let mut got = [0u8; 16];
+        client.read_exact(&mut got).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_taking_bytes_is_not_cut() {
+        let (ours, mut client) = tokio::io::duplex(16);
+        let (mut io, watch) = wrap(ours, Duration::from_secs(5));
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 16 * 10];
+            for chunk in got.chunks_mut(16) {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                client.read_exact(chunk).await.unwrap();
+            }
+            got
+        });
+        // 40 s of writing, blocked most of the time, never 5 s in a row.
+        io.write_all(&[7u8; 16 * 10]).await.unwrap();
+        assert!(!watch.was_stalled());
+        assert!(reader.await.unwrap().iter().all(|&b| b == 7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_upgrade_the_watchdog_stands_down() {
+        let (ours, _client) = tokio::io::duplex(16);
+        let (mut io, watch) = wrap(ours, Duration::from_secs(5));
+        watch.set_upgraded();
+        let write = tokio::time::timeout(Duration::from_secs(60), io.write_all(&[0u8; 64]));
+        assert!(write.await.is_err(), "still waiting after 60 s, not cut");
+        assert!(!watch.was_stalled());
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_head_is_reported_as_it_is_read() {
+        let (ours, mut client) = tokio::io::duplex(1024);
+        let (mut io, watch) = wrap(ours, Duration::from_secs(5));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let _ = io.read(&mut buf).await.unwrap();
+        assert!(!watch.refuses_chunked());
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        assert!(watch.refuses_chunked());
+    }
+}
