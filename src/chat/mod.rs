@@ -7,6 +7,7 @@
 
 pub mod limits;
 pub mod packets;
+pub mod polling;
 pub mod session;
 
 use std::sync::Arc;
