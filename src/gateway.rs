@@ -167,7 +167,10 @@ async fn dispatch(
                 .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
             to_backend(gw, req, ctx, Some(pq)).await
         }
-        Route::Backend => to_backend(gw, req, ctx, None).await,
+        Route::Backend => {
+            let fetch = |req| to_backend(gw, req, ctx, None);
+            gw.asset_cache.serve(req, fetch).await
+        }
     }
 }
 

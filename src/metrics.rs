@@ -70,6 +70,18 @@ pub struct Gauges {
     pub probe_latency_ms: Option<f64>,
 }
 
+/// The asset cache's handles, cloned into it once (each is an `Arc` to an atomic). The gauges
+/// are set by the cache whenever it changes, under its own lock, so they are never stale.
+#[derive(Clone)]
+pub struct AssetCacheMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub coalesced: Counter,
+    pub bytes_served: Counter,
+    pub entries: Gauge,
+    pub memory_bytes: Gauge,
+}
+
 /// Every metric chatgate exports.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -88,6 +100,7 @@ pub struct Metrics {
     websocket_relays: Gauge,
     backend_up: Gauge,
     probe_latency: Gauge,
+    pub asset_cache: AssetCacheMetrics,
 }
 
 fn key(name: &'static str, labels: Vec<Label>) -> Key {
@@ -186,6 +199,36 @@ impl Metrics {
             None,
             "Client connections cut because a write waited --body-idle-timeout for the client to read.",
         );
+        describe(
+            "chatgate_asset_cache_hits_total",
+            None,
+            "Asset requests answered from memory (200, 304 or HEAD).",
+        );
+        describe(
+            "chatgate_asset_cache_misses_total",
+            None,
+            "Cacheable-looking asset requests that went to the backend.",
+        );
+        describe(
+            "chatgate_asset_cache_coalesced_total",
+            None,
+            "Asset requests that waited for another request's fetch of the same file.",
+        );
+        describe(
+            "chatgate_asset_cache_bytes_served_total",
+            Some(Unit::Bytes),
+            "Response body bytes served from the asset cache.",
+        );
+        describe(
+            "chatgate_asset_cache_entries",
+            None,
+            "Files held by the asset cache.",
+        );
+        describe(
+            "chatgate_asset_cache_memory_bytes",
+            Some(Unit::Bytes),
+            "Bytes held by the asset cache (every variant, plus a fixed overhead per entry).",
+        );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
             recorder.register_counter(&key(name, labels), &META)
@@ -226,6 +269,14 @@ impl Metrics {
             websocket_relays: gauge("chatgate_websocket_relays"),
             backend_up: gauge("chatgate_backend_up"),
             probe_latency: gauge("chatgate_backend_probe_latency_seconds"),
+            asset_cache: AssetCacheMetrics {
+                hits: counter("chatgate_asset_cache_hits_total", vec![]),
+                misses: counter("chatgate_asset_cache_misses_total", vec![]),
+                coalesced: counter("chatgate_asset_cache_coalesced_total", vec![]),
+                bytes_served: counter("chatgate_asset_cache_bytes_served_total", vec![]),
+                entries: gauge("chatgate_asset_cache_entries"),
+                memory_bytes: gauge("chatgate_asset_cache_memory_bytes"),
+            },
             handle,
             recorder,
         }

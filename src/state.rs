@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::asset_cache::AssetCache;
 use crate::backend::client::{BackendClient, backend_client, tls_config};
 use crate::backend::health::BackendHealth;
 use crate::config::Config;
@@ -35,6 +36,8 @@ pub struct Gateway {
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// [`PROBE_RESERVE`] more, for connections that may only ask the probe routes.
     pub probe_slots: Arc<tokio::sync::Semaphore>,
+    /// Content-hashed static files served from memory (`--asset-cache-*`).
+    pub asset_cache: AssetCache,
     started: Instant,
     draining: AtomicBool,
 }
@@ -103,6 +106,7 @@ impl Gateway {
         metrics.declare_rate_limit_classes(&LimitClass::ALL.map(LimitClass::label));
         let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
         Gateway {
+            asset_cache: AssetCache::new(&config.asset_cache, metrics.asset_cache.clone()),
             client: backend_client(&config.backend),
             tls: Arc::new(tls_config()),
             config,

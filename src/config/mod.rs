@@ -9,6 +9,7 @@
 //! Parsing takes the environment as a lookup function, so tests pass a map instead of
 //! mutating the process environment (which races between tests and is `unsafe` in 2024).
 
+mod asset_cache;
 mod backend;
 mod health;
 mod limits;
@@ -22,6 +23,7 @@ use std::ffi::OsString;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+pub use asset_cache::{AssetCacheConfig, AssetCacheSettings};
 pub use backend::{BackendConfig, BackendSettings, BackendUrl, parse_backend};
 pub use health::{HealthConfig, HealthSettings};
 pub use limits::{
@@ -75,6 +77,8 @@ pub struct Settings {
     pub limits: LimitsSettings,
     #[command(flatten)]
     pub shutdown: ShutdownSettings,
+    #[command(flatten)]
+    pub asset_cache: AssetCacheSettings,
 }
 
 impl Cli {
@@ -112,6 +116,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub limits: LimitsConfig,
     pub shutdown: ShutdownConfig,
+    pub asset_cache: AssetCacheConfig,
 }
 
 impl Config {
@@ -125,7 +130,17 @@ impl Config {
         let websocket = WebSocketConfig::validate(&s.websocket, &mut problems);
         let limits = LimitsConfig::validate(&s.limits, &mut problems);
         let shutdown = ShutdownConfig::validate(&s.shutdown, &mut problems);
-        match (server, backend, routes, health, websocket, limits, shutdown) {
+        let asset_cache = AssetCacheConfig::validate(&s.asset_cache, &mut problems);
+        match (
+            server,
+            backend,
+            routes,
+            health,
+            websocket,
+            limits,
+            shutdown,
+            asset_cache,
+        ) {
             (
                 Some(server),
                 Some(backend),
@@ -134,6 +149,7 @@ impl Config {
                 Some(websocket),
                 Some(limits),
                 Some(shutdown),
+                Some(asset_cache),
             ) if problems.is_empty() => Ok(Config {
                 server,
                 backend,
@@ -142,6 +158,7 @@ impl Config {
                 websocket,
                 limits,
                 shutdown,
+                asset_cache,
             }),
             _ => Err(problems.into_errors()),
         }
@@ -158,6 +175,7 @@ impl Config {
         self.websocket.describe(&mut lines);
         self.limits.describe(&mut lines);
         self.shutdown.describe(&mut lines);
+        self.asset_cache.describe(&mut lines);
         lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }
 }
@@ -260,6 +278,31 @@ mod tests {
             ),
             (&["--admin-listen", "9100"], &[], "CHATGATE_ADMIN_LISTEN"),
             (&["--max-body-bytes", "1G"], &[], "CHATGATE_MAX_BODY_BYTES"),
+            (
+                &["--asset-cache-bytes", "64M"],
+                &[],
+                "CHATGATE_ASSET_CACHE_BYTES",
+            ),
+            (
+                &["--asset-cache-max-file", "0"],
+                &[],
+                "CHATGATE_ASSET_CACHE_MAX_FILE",
+            ),
+            (
+                &["--asset-cache-paths", "/assets/,static"],
+                &[],
+                "CHATGATE_ASSET_CACHE_PATHS",
+            ),
+            (
+                &[],
+                &[("CHATGATE_ASSET_CACHE_PATHS", "/a%2Fb/")],
+                "CHATGATE_ASSET_CACHE_PATHS",
+            ),
+            (
+                &["--asset-cache-revalidate", "0"],
+                &[],
+                "CHATGATE_ASSET_CACHE_REVALIDATE",
+            ),
         ];
         for (args, env, expected) in cases {
             let err = config(args, env).unwrap_err();
@@ -291,6 +334,27 @@ mod tests {
         ] {
             assert!(err.contains(name), "{name}: {err}");
         }
+    }
+
+    #[test]
+    fn asset_cache_defaults_and_off_switch() {
+        let c = config(&[], &[]).unwrap();
+        assert!(c.asset_cache.is_enabled());
+        assert_eq!(c.asset_cache.max_bytes, 64 << 20);
+        assert_eq!(c.asset_cache.max_file, 16 << 20);
+        assert_eq!(c.asset_cache.paths, ["/assets/"]);
+        assert_eq!(c.asset_cache.revalidate, Duration::from_secs(60));
+        let off = config(&["--asset-cache-bytes", "0"], &[]).unwrap();
+        assert!(!off.asset_cache.is_enabled());
+        assert!(off.describe().contains("asset_cache_bytes = 0 (off)"));
+        let two = config(
+            &[],
+            &[("CHATGATE_ASSET_CACHE_PATHS", " /assets/, /public/ ")],
+        )
+        .unwrap();
+        assert_eq!(two.asset_cache.paths, ["/assets/", "/public/"]);
+        let none = config(&["--asset-cache-paths", ""], &[]).unwrap();
+        assert!(!none.asset_cache.is_enabled());
     }
 
     #[test]
