@@ -17,6 +17,7 @@ mod server;
 mod shutdown;
 mod values;
 mod websocket;
+mod workers;
 
 use std::ffi::OsString;
 
@@ -32,6 +33,10 @@ pub use server::{LogFormat, ServerConfig, ServerSettings};
 pub use shutdown::{ShutdownConfig, ShutdownSettings};
 pub use values::{ConfigError, ConfigErrors};
 pub use websocket::{WebSocketConfig, WebSocketSettings};
+pub use workers::{
+    AffinityConfig, MAX_WORKERS, SameSite, SupervisedConfig, WorkersConfig, WorkersSettings,
+    available_cpus,
+};
 
 use values::Problems;
 
@@ -75,6 +80,8 @@ pub struct Settings {
     pub limits: LimitsSettings,
     #[command(flatten)]
     pub shutdown: ShutdownSettings,
+    #[command(flatten)]
+    pub workers: WorkersSettings,
 }
 
 impl Cli {
@@ -112,6 +119,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub limits: LimitsConfig,
     pub shutdown: ShutdownConfig,
+    pub workers: WorkersConfig,
 }
 
 impl Config {
@@ -125,7 +133,22 @@ impl Config {
         let websocket = WebSocketConfig::validate(&s.websocket, &mut problems);
         let limits = LimitsConfig::validate(&s.limits, &mut problems);
         let shutdown = ShutdownConfig::validate(&s.shutdown, &mut problems);
-        match (server, backend, routes, health, websocket, limits, shutdown) {
+        let workers = WorkersConfig::validate(&s.workers, &mut problems);
+        if let (Some(backend), Some(workers)) = (&backend, &workers) {
+            if workers.supervised.is_some() && backend.urls.len() > 1 {
+                problems.check::<()>(Err(ConfigError {
+                    flag: "--workers".into(),
+                    env: "CHATGATE_WORKERS".into(),
+                    value: s.workers.workers.clone(),
+                    reason: "chatgate starts the workers itself (a command after `--`), so \
+                             --backend / CHATGATE_BACKEND must be one URL, not a list"
+                        .into(),
+                }));
+            }
+        }
+        match (
+            server, backend, routes, health, websocket, limits, shutdown, workers,
+        ) {
             (
                 Some(server),
                 Some(backend),
@@ -134,6 +157,7 @@ impl Config {
                 Some(websocket),
                 Some(limits),
                 Some(shutdown),
+                Some(workers),
             ) if problems.is_empty() => Ok(Config {
                 server,
                 backend,
@@ -142,9 +166,25 @@ impl Config {
                 websocket,
                 limits,
                 shutdown,
+                workers,
             }),
             _ => Err(problems.into_errors()),
         }
+    }
+
+    /// Every worker's URL, in index order: the supervised workers on `--backend`'s host at
+    /// `--worker-port-base + i`, or `--backend`'s list.
+    pub fn worker_urls(&self) -> Vec<BackendUrl> {
+        let Some(supervised) = &self.workers.supervised else {
+            return self.backend.urls.clone();
+        };
+        let url = &self.backend.url;
+        (0..supervised.count)
+            .filter_map(|i| {
+                let port = supervised.port(i);
+                parse_backend(&format!("{}://{}:{port}", url.scheme, url.authority.host())).ok()
+            })
+            .collect()
     }
 
     /// The effective configuration as `key = value` lines for `check-config`. The backend is
@@ -158,6 +198,7 @@ impl Config {
         self.websocket.describe(&mut lines);
         self.limits.describe(&mut lines);
         self.shutdown.describe(&mut lines);
+        self.workers.describe(&mut lines);
         lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }
 }
