@@ -11,7 +11,7 @@
 //! readiness follows a backend that starts late (or dies) within about a second.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -49,6 +49,9 @@ pub struct BackendHealth {
     /// The verdict: `true` once something succeeded, `false` after 3 failures in a row.
     reachable: AtomicBool,
     consecutive_failures: AtomicU32,
+    /// Failures ever (probe or request): an answer to a request sent before the latest
+    /// failure proves nothing about now (a dying backend still answers its last requests).
+    failures_seen: AtomicU64,
     /// The last real connection attempt was refused: nothing listens right now. Routing
     /// avoids the backend at once, without waiting for the verdict.
     refusing: AtomicBool,
@@ -74,6 +77,7 @@ impl BackendHealth {
         BackendHealth {
             reachable: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
+            failures_seen: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
             verdict: watch::Sender::new(false),
             record: Mutex::new(ProbeRecord::default()),
@@ -166,6 +170,7 @@ impl BackendHealth {
 
     /// One more failure in a row; the backend is down from the third. Returns the count.
     fn failed(&self) -> u32 {
+        self.failures_seen.fetch_add(1, Ordering::SeqCst);
         let failures = self
             .consecutive_failures
             .fetch_add(1, Ordering::Relaxed)
@@ -176,10 +181,19 @@ impl BackendHealth {
         failures
     }
 
-    /// A real request got an answer the backend produced itself (any status): it is there.
-    pub fn passive_success(&self) {
+    /// Where the failures stand, read before a request is sent: see [`Self::passive_success`].
+    pub fn epoch(&self) -> u64 {
+        self.failures_seen.load(Ordering::SeqCst)
+    }
+
+    /// A real request sent at `epoch` got an answer the backend produced itself (any
+    /// status): it is there, unless something failed since the request went out.
+    pub fn passive_success(&self, epoch: u64) {
         // The usual case, a healthy backend, costs two loads.
         if self.consecutive_failures.load(Ordering::Relaxed) == 0 && self.is_usable() {
+            return;
+        }
+        if self.epoch() != epoch {
             return;
         }
         let recovered = !self.is_reachable();
@@ -211,6 +225,7 @@ impl BackendHealth {
 
     /// The supervised process behind this backend exited: down at once.
     pub fn mark_exited(&self, why: String) {
+        self.failures_seen.fetch_add(1, Ordering::SeqCst);
         self.refusing.store(true, Ordering::Relaxed);
         self.consecutive_failures
             .fetch_max(FAILURES_TO_DOWN, Ordering::Relaxed);
@@ -392,7 +407,7 @@ mod tests {
     #[test]
     fn real_answers_and_refusals_feed_the_verdict() {
         let health = BackendHealth::default();
-        health.passive_success();
+        health.passive_success(health.epoch());
         assert!(health.is_reachable(), "an answer proves it is there");
         health.passive_refused();
         assert!(health.is_reachable(), "one refusal is not down");
@@ -400,7 +415,13 @@ mod tests {
         health.passive_refused();
         health.passive_refused();
         assert!(!health.is_reachable(), "three refusals in a row are down");
-        health.passive_success();
+        let sent = health.epoch() - 1;
+        health.passive_success(sent);
+        assert!(
+            !health.is_reachable(),
+            "an answer to a request sent before the last failure proves nothing"
+        );
+        health.passive_success(health.epoch());
         assert!(health.is_usable());
         assert_eq!(health.consecutive_failures(), 0);
     }

@@ -301,6 +301,61 @@ mod tests {
             ),
             (&["--admin-listen", "9100"], &[], "CHATGATE_ADMIN_LISTEN"),
             (&["--max-body-bytes", "1G"], &[], "CHATGATE_MAX_BODY_BYTES"),
+            (&["--workers", "0"], &[], "CHATGATE_WORKERS"),
+            (&["--workers", "lots"], &[], "CHATGATE_WORKERS"),
+            (&["--workers", "2"], &[], "CHATGATE_WORKERS"),
+            (&["--workers", "2", "--", "x"], &[], "CHATGATE_WORKERS"),
+            (
+                &[
+                    "--workers",
+                    "2",
+                    "--backend",
+                    "http://a:1,http://b:2",
+                    "--",
+                    "x",
+                    "{port}",
+                ],
+                &[],
+                "CHATGATE_BACKEND",
+            ),
+            (
+                &[
+                    "--workers",
+                    "3",
+                    "--worker-port-base",
+                    "65534",
+                    "--",
+                    "x",
+                    "{port}",
+                ],
+                &[],
+                "CHATGATE_WORKER_PORT_BASE",
+            ),
+            (
+                &["--backend", "http://a:1,,http://b:2"],
+                &[],
+                "CHATGATE_BACKEND",
+            ),
+            (
+                &["--backend", "http://a:1,http://a:1"],
+                &[],
+                "CHATGATE_BACKEND",
+            ),
+            (
+                &["--affinity-samesite", "maybe"],
+                &[],
+                "CHATGATE_AFFINITY_SAMESITE",
+            ),
+            (
+                &["--affinity-cookie", "a b"],
+                &[],
+                "CHATGATE_AFFINITY_COOKIE",
+            ),
+            (
+                &["--worker-stop-timeout", "0"],
+                &[],
+                "CHATGATE_WORKER_STOP_TIMEOUT",
+            ),
         ];
         for (args, env, expected) in cases {
             let err = config(args, env).unwrap_err();
@@ -368,6 +423,50 @@ mod tests {
                 assert!(keys.contains(&key.as_str()), "{key} missing: {text}");
             }
         }
+    }
+
+    #[test]
+    fn workers_take_a_command_with_a_port_each() {
+        let c = config(
+            &[
+                "--workers",
+                "2",
+                "--worker-port-base",
+                "9001",
+                "--",
+                "chainlit",
+                "run",
+                "app.py",
+                "--port={port}",
+            ],
+            &[],
+        )
+        .unwrap();
+        let supervised = c.workers.supervised.as_ref().unwrap();
+        assert_eq!(supervised.count, 2);
+        assert_eq!(
+            supervised.command_for(1),
+            ["chainlit", "run", "app.py", "--port=9002"]
+        );
+        let urls: Vec<String> = c.worker_urls().into_iter().map(|u| u.display).collect();
+        assert_eq!(urls, ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]);
+        let auto = config(&["--workers", "auto", "--", "x", "{port}"], &[]).unwrap();
+        assert_eq!(
+            auto.workers.supervised.unwrap().count,
+            available_cpus().min(MAX_WORKERS)
+        );
+    }
+
+    #[test]
+    fn one_worker_and_no_command_is_todays_single_backend() {
+        let c = config(&[], &[]).unwrap();
+        assert!(c.workers.supervised.is_none());
+        assert_eq!(c.worker_urls().len(), 1);
+        let listed = config(&[], &[("CHATGATE_BACKEND", "http://a:1, http://b:2")]).unwrap();
+        assert_eq!(listed.worker_urls().len(), 2);
+        assert_eq!(listed.backend.url.display, "http://a:1");
+        assert_eq!(listed.workers.affinity.cookie, "chatgate_worker");
+        assert_eq!(listed.workers.affinity.same_site, SameSite::Lax);
     }
 
     #[test]

@@ -86,6 +86,7 @@ pub async fn forward(
     // response body is done.
     let mut load = several.then(|| worker.hold_request());
 
+    let mut epoch = worker.health.epoch();
     let mut result = send(gw, Request::from_parts(parts, body), body_sent).await;
     let mut retried = false;
     loop {
@@ -132,11 +133,12 @@ pub async fn forward(
             }
             _ => break,
         }
+        epoch = worker.health.epoch();
         result = send(gw, resend(head, &worker.backend.url), None).await;
     }
     let response = result.map_err(classify_send)?;
     // Whatever it answered, the backend is there.
-    worker.health.passive_success();
+    worker.health.passive_success(epoch);
     let (mut parts, incoming) = response.into_parts();
     // An HTTP/1.0 backend must not make the client's connection HTTP/1.0 (and closed).
     parts.version = http::Version::HTTP_11;

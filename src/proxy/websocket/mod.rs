@@ -115,10 +115,11 @@ pub async fn relay(
     let config = ws_config(gw);
     let timeout = gw.config.websocket.handshake_timeout;
     let cookie = (set_cookie && gw.workers.several()).then(|| worker.set_cookie(secure));
+    let epoch = worker.health.epoch();
     let answer = tokio::time::timeout(timeout, backend_handshake(&mut stream, &request)).await;
     if let Ok(Ok(_)) = &answer {
         // Whatever it answered, the backend is there.
-        worker.health.passive_success();
+        worker.health.passive_success(epoch);
     }
     let (backend_headers, leftover) = match answer {
         Err(_) => return Err(ProxyError::BackendTimeout(timeout)),
