@@ -30,8 +30,10 @@ use crate::config::{BackendConfig, HealthConfig};
 pub const FAILURES_TO_DOWN: u32 = 3;
 /// The probe's quickest pace, while the backend is down or unknown.
 pub const QUICK_PROBE: Duration = Duration::from_millis(500);
-/// Probes that a burst of refused requests may trigger are at least this far apart.
-const WAKE_SPACING: Duration = Duration::from_millis(100);
+/// Probes that a burst of refused requests (or a worker's exit) triggers are at least this
+/// far apart: those requests already count as failures, the probe only has to notice the
+/// backend's return at the quick pace.
+const WAKE_SPACING: Duration = QUICK_PROBE;
 
 #[derive(Debug, Clone, Default)]
 struct ProbeRecord {
