@@ -82,6 +82,14 @@ pub struct AssetCacheMetrics {
     pub memory_bytes: Gauge,
 }
 
+/// One worker's metric handles, updated where its state changes.
+pub struct WorkerHandles {
+    pub up: Gauge,
+    pub relays: Gauge,
+    pub requests: Counter,
+    pub restarts: Counter,
+}
+
 /// Every metric chatgate exports.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -229,6 +237,26 @@ impl Metrics {
             Some(Unit::Bytes),
             "Bytes held by the asset cache (every variant, plus a fixed overhead per entry).",
         );
+        describe(
+            "chatgate_worker_up",
+            None,
+            "1 when the worker is reachable, by worker index (several workers only).",
+        );
+        describe(
+            "chatgate_worker_relays",
+            None,
+            "Open WebSocket relays to the worker, by worker index.",
+        );
+        describe(
+            "chatgate_worker_requests_total",
+            None,
+            "Requests and relays sent to the worker, by worker index.",
+        );
+        describe(
+            "chatgate_worker_restarts_total",
+            None,
+            "Times a supervised worker exited and was started again, by worker index.",
+        );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
             recorder.register_counter(&key(name, labels), &META)
@@ -334,6 +362,34 @@ impl Metrics {
         self.recorder
             .register_counter(&key("chatgate_rate_limited_total", labels), &META)
             .increment(1);
+    }
+
+    /// The handles of worker `index` (labelled `worker="<index>"`: bounded by the worker
+    /// count), registered once at start-up and shown at 0 from the first scrape.
+    pub fn worker(&self, index: usize) -> WorkerHandles {
+        let labels = || vec![Label::new("worker", index.to_string())];
+        let up = self
+            .recorder
+            .register_gauge(&key("chatgate_worker_up", labels()), &META);
+        up.set(0.0);
+        let relays = self
+            .recorder
+            .register_gauge(&key("chatgate_worker_relays", labels()), &META);
+        relays.set(0.0);
+        let requests = self
+            .recorder
+            .register_counter(&key("chatgate_worker_requests_total", labels()), &META);
+        requests.increment(0);
+        let restarts = self
+            .recorder
+            .register_counter(&key("chatgate_worker_restarts_total", labels()), &META);
+        restarts.increment(0);
+        WorkerHandles {
+            up,
+            relays,
+            requests,
+            restarts,
+        }
     }
 
     pub fn refused_connection(&self) {
@@ -453,5 +509,27 @@ mod tests {
             text.contains("chatgate_request_duration_seconds_bucket"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn workers_have_their_own_labelled_series_from_the_start() {
+        let m = Metrics::new();
+        let w0 = m.worker(0);
+        let w1 = m.worker(1);
+        w1.up.set(1.0);
+        w1.relays.increment(1.0);
+        w1.requests.increment(3);
+        w0.restarts.increment(1);
+        let text = m.render(Gauges::default());
+        for line in [
+            r#"chatgate_worker_up{worker="0"} 0"#,
+            r#"chatgate_worker_up{worker="1"} 1"#,
+            r#"chatgate_worker_relays{worker="1"} 1"#,
+            r#"chatgate_worker_requests_total{worker="1"} 3"#,
+            r#"chatgate_worker_requests_total{worker="0"} 0"#,
+            r#"chatgate_worker_restarts_total{worker="0"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 }
