@@ -11,8 +11,9 @@
 //!   which use
 //! - `state` (shared handles), `backend` (client, probe), `asset_cache` (content-hashed
 //!   static files from memory; the pipeline hands it the forwarder), `limits`, `telemetry`,
-//!   `body`, `error`, `responses`, and the leaves `config`, `routes`, `metrics`, `proxy::headers`,
-//!   `asset_cache::{negotiate, policy}`, `client_io`.
+//!   `body`, `error`, `responses`, `proxy::headers` (pure functions over the request's
+//!   `RequestContext`, defined in `proxy/mod.rs`), and the leaves `config`, `routes`,
+//!   `metrics`, `asset_cache::{negotiate, policy}`, `client_io`.
 
 pub mod asset_cache;
 pub mod config;

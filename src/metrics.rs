@@ -93,6 +93,8 @@ pub struct WorkerHandles {
 /// Every metric chatgate exports.
 pub struct Metrics {
     recorder: PrometheusRecorder,
+    /// The rate-limit counters by class label, registered once.
+    rate_limited: OnceLock<Vec<(&'static str, Counter)>>,
     handle: PrometheusHandle,
     // Registered on first use, then read without a lock.
     requests: Vec<OnceLock<Counter>>,
@@ -305,6 +307,7 @@ impl Metrics {
                 entries: gauge("chatgate_asset_cache_entries"),
                 memory_bytes: gauge("chatgate_asset_cache_memory_bytes"),
             },
+            rate_limited: OnceLock::new(),
             handle,
             recorder,
         }
@@ -347,21 +350,39 @@ impl Metrics {
     /// Shows the rate-limit counters at 0 before any refusal, so that `rate()` works from
     /// the first scrape.
     pub fn declare_rate_limit_classes(&self, classes: &[&'static str]) {
-        for &class in classes {
-            let labels = vec![Label::from_static_parts("class", class)];
-            self.recorder
-                .register_counter(&key("chatgate_rate_limited_total", labels), &META)
-                .increment(0);
-        }
+        let handles = classes
+            .iter()
+            .map(|&class| {
+                let labels = vec![Label::from_static_parts("class", class)];
+                let counter = self
+                    .recorder
+                    .register_counter(&key("chatgate_rate_limited_total", labels), &META);
+                counter.increment(0);
+                (class, counter)
+            })
+            .collect();
+        let _ = self.rate_limited.set(handles);
     }
 
-    /// Counts a request refused by the rate limit of `class` (a fixed set of labels). Off
-    /// the hot path: only refused requests come here.
+    /// Counts a request refused by the rate limit of `class` (one of the declared labels).
+    /// Under a 429 flood this is the hot path: the handles are registered once, so a
+    /// refusal only touches an atomic.
     pub fn rate_limited(&self, class: &'static str) {
-        let labels = vec![Label::from_static_parts("class", class)];
-        self.recorder
-            .register_counter(&key("chatgate_rate_limited_total", labels), &META)
-            .increment(1);
+        let declared = self.rate_limited.get().and_then(|handles| {
+            handles
+                .iter()
+                .find(|(label, _)| *label == class)
+                .map(|(_, counter)| counter)
+        });
+        match declared {
+            Some(counter) => counter.increment(1),
+            None => {
+                let labels = vec![Label::from_static_parts("class", class)];
+                self.recorder
+                    .register_counter(&key("chatgate_rate_limited_total", labels), &META)
+                    .increment(1);
+            }
+        }
     }
 
     /// The handles of worker `index` (labelled `worker="<index>"`: bounded by the worker

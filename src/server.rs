@@ -255,6 +255,10 @@ async fn serve_request(
     if reserve {
         req.extensions_mut().insert(ProbeReserve);
     }
+    // A WebSocket relay tells the watch once it holds the socket (see `hand_over`).
+    if req.headers().contains_key(header::UPGRADE) {
+        req.extensions_mut().insert(Arc::clone(&watch));
+    }
     let mut response = crate::gateway::handle(gateway, req, peer).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         watch.set_upgraded();

@@ -26,6 +26,7 @@ use crate::backend::affinity::{query_param, unknown_session};
 use crate::backend::client::{LegError, connect_stream};
 use crate::backend::pool::{Pin, Target};
 use crate::body::ProxyBody;
+use crate::client_io::ConnectionWatch;
 use crate::error::ProxyError;
 use crate::proxy::RequestContext;
 use crate::proxy::headers::backend_request_head;
@@ -70,6 +71,7 @@ pub async fn relay(
         .try_acquire_owned()
         .map_err(|_| ProxyError::Overloaded)?;
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let client_watch = req.extensions().get::<Arc<ConnectionWatch>>().cloned();
     let (mut parts, _body) = req.into_parts();
     let Target {
         mut worker,
@@ -158,10 +160,17 @@ pub async fn relay(
         stats: RelayStats::default(),
     };
     let counted = (gw.load.websocket_relay(), worker.hold_relay());
+    let handshake_timeout = gw.config.websocket.handshake_timeout;
     gw.tasks.spawn(async move {
         let _slot = slot;
-        match on_upgrade.await {
-            Ok(upgraded) => {
+        // hyper hands the socket over once the 101 is written: a client that reads nothing
+        // is cut by the connection's write watchdog meanwhile, and this bounds the wait too.
+        let upgraded = tokio::time::timeout(handshake_timeout, on_upgrade).await;
+        match upgraded {
+            Ok(Ok(upgraded)) => {
+                if let Some(watch) = &client_watch {
+                    watch.hand_over();
+                }
                 let client_ws = WebSocketStream::from_raw_socket(
                     WriteWatch::new(TokioIo::new(upgraded)),
                     Role::Server,
@@ -170,8 +179,11 @@ pub async fn relay(
                 .await;
                 line.stats = pump::pump(client_ws, backend_ws, &settings).await;
             }
-            Err(e) => {
-                line.stats.error = Some(format!("client upgrade failed: {e}"));
+            failed => {
+                line.stats.error = Some(match failed {
+                    Ok(Err(e)) => format!("client upgrade failed: {e}"),
+                    _ => format!("the 101 was not written within {handshake_timeout:?}"),
+                });
                 let mut backend_ws = backend_ws;
                 let _ = tokio::time::timeout(
                     CLOSE_TIMEOUT,
@@ -180,8 +192,9 @@ pub async fn relay(
                 .await;
             }
         }
-        drop(counted);
+        // Counted as closed before it stops counting as open: a scrape never sees neither.
         settings.metrics.websocket_closed(line.stats.close_code);
+        drop(counted);
         line.emit();
     });
     Ok(response)
