@@ -6,6 +6,13 @@
 #   docker build -t chatgate --target chatgate .         # proxy only, distroless, non-root
 #   docker run --rm -p 8000:8000 chatgate-app            # then open http://localhost:8000/
 #
+# CHATGATE_WORKERS (environment) sets how many Chainlit processes run behind chatgate: 1 (the
+# default) is one Chainlit, started by entrypoint.sh; a number above 1, or `auto` (one per CPU
+# the container may use), makes chatgate start and supervise them itself, each chat kept on
+# its process (see README, "Workers").
+# Each idle Chainlit worker (examples/chainlit) takes about 115 MiB of RSS (105 MiB PSS),
+# more with the app's own libraries and open chats: size the container's memory for it.
+#
 # Every stage is on Debian 12 (bookworm): the binary is linked against the builder's glibc, and
 # a runtime image with an older glibc refuses to start it ("GLIBC_2.xx not found").
 # No BuildKit-only syntax (cache mounts, COPY --chmod), so `az acr build` and the classic
@@ -69,6 +76,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     CHATGATE_LISTEN=0.0.0.0:8000 \
     CHATGATE_BACKEND=http://127.0.0.1:8080 \
+    CHATGATE_WORKERS=1 \
     BACKEND_HEALTH_URL=http://127.0.0.1:8080/health
 
 # The Chainlit app to ship; requirements.txt must list chainlit.
@@ -87,8 +95,9 @@ RUN sed -i 's/\r$//' /usr/local/bin/entrypoint.sh \
 WORKDIR /app
 # Chainlit treats its app directory as a workspace: on start it writes .chainlit/ (config.toml,
 # translations), chainlit.md and .files/ (uploads) there, and deletes .files/ on shutdown, so the
-# directory itself must be writable, not only those paths. All of it belongs to the app user;
-# nothing else at run time needs to be writable.
+# directory itself must be writable, not only those paths. With several workers chatgate also
+# writes /app/.chatgate/worker-<i>/ (each worker's own app root: links to the app, its own
+# .files). All of it belongs to the app user; nothing else at run time needs to be writable.
 COPY --chown=app:app ${APP_DIR}/ /app/
 RUN mkdir -p /app/.chainlit /app/.files \
     && chown app:app /app /app/.chainlit /app/.files

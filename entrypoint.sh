@@ -15,6 +15,12 @@
 # Ctrl-C on a terminal reaches only this script, which decides the order. Under tini (the
 # image's PID 1) this script is the only process tini signals; tini reaps anything left over.
 #
+# Several workers: with CHATGATE_WORKERS other than 1 (a number, or auto: one per CPU),
+# chatgate starts and supervises the Chainlit processes itself (WORKER_CMD, `{port}` being each
+# worker's port from CHATGATE_WORKER_PORT_BASE, 8081 on): it waits for their health, restarts
+# one that exits, keeps every chat on its worker, and stops them after its own drain. This
+# script then starts only chatgate and supervises it; steps 1 and 2 above do not apply.
+#
 # Environment (defaults in brackets):
 #   BACKEND_CMD            backend command, run by bash
 #                          [chainlit run app.py --host 127.0.0.1 --port 8080 --headless]
@@ -24,7 +30,11 @@
 #   BACKEND_STOP_TIMEOUT   seconds the backend gets after SIGTERM before SIGKILL [5]
 #   CHATGATE_BIN           [chatgate]
 #   CHATGATE_STOP_TIMEOUT  seconds chatgate gets after SIGTERM before SIGKILL
-#                          [CHATGATE_SHUTDOWN_DELAY + CHATGATE_SHUTDOWN_GRACE + 2, i.e. 22]
+#                          [CHATGATE_SHUTDOWN_DELAY + CHATGATE_SHUTDOWN_GRACE + 2, i.e. 22;
+#                          with workers + CHATGATE_WORKER_STOP_TIMEOUT (5), i.e. 27]
+#   CHATGATE_WORKERS       [1] Chainlit processes; other than 1: chatgate supervises them
+#   WORKER_CMD             worker command, run by bash, `{port}` replaced by chatgate
+#                          [chainlit run app.py --host 127.0.0.1 --port {port} --headless]
 # chatgate reads its own CHATGATE_* settings (CHATGATE_LISTEN, CHATGATE_BACKEND, ...).
 #
 # Exit status: 0 after a requested stop in which chatgate exited cleanly; otherwise non-zero
@@ -41,6 +51,8 @@ BACKEND_WAIT_INTERVAL=${BACKEND_WAIT_INTERVAL:-1}
 BACKEND_STOP_TIMEOUT=${BACKEND_STOP_TIMEOUT:-5}
 CHATGATE_BIN=${CHATGATE_BIN:-chatgate}
 CHATGATE_STOP_TIMEOUT=${CHATGATE_STOP_TIMEOUT:-}
+CHATGATE_WORKERS=${CHATGATE_WORKERS:-1}
+WORKER_CMD=${WORKER_CMD:-"chainlit run app.py --host 127.0.0.1 --port {port} --headless"}
 
 backend_pid=""
 chatgate_pid=""
@@ -65,16 +77,27 @@ is_number() {
     [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]]
 }
 
+# Whether chatgate supervises the workers (CHATGATE_WORKERS other than 1).
+workers_mode() {
+    [[ $CHATGATE_WORKERS != 1 ]]
+}
+
 # chatgate's own drain time (CHATGATE_SHUTDOWN_DELAY + CHATGATE_SHUTDOWN_GRACE, in seconds,
-# with or without an "s") plus 2 s; 22 s when they are unset or not plain seconds.
+# with or without an "s") plus 2 s; 22 s when they are unset or not plain seconds. With
+# workers, plus the time chatgate gives them after its drain (CHATGATE_WORKER_STOP_TIMEOUT, 5).
 default_chatgate_stop_timeout() {
     local delay=${CHATGATE_SHUTDOWN_DELAY:-0} grace=${CHATGATE_SHUTDOWN_GRACE:-20}
+    local workers_stop=${CHATGATE_WORKER_STOP_TIMEOUT:-5} extra=0
     delay=${delay%s}
     grace=${grace%s}
+    workers_stop=${workers_stop%s}
+    if workers_mode; then
+        is_uint "$workers_stop" && extra=$((10#$workers_stop)) || extra=5
+    fi
     if is_uint "$delay" && is_uint "$grace"; then
-        echo $((10#$delay + 10#$grace + 2))
+        echo $((10#$delay + 10#$grace + 2 + extra))
     else
-        echo 22
+        echo $((22 + extra))
     fi
 }
 
@@ -91,6 +114,8 @@ validate_settings() {
         die 2 "CHATGATE_STOP_TIMEOUT must be whole seconds, got '$CHATGATE_STOP_TIMEOUT'"
     is_uint "$BACKEND_PORT" ||
         die 2 "BACKEND_PORT must be a port number, got '$BACKEND_PORT'"
+    [[ $CHATGATE_WORKERS == auto ]] || { is_uint "$CHATGATE_WORKERS" && ((10#$CHATGATE_WORKERS > 0)); } ||
+        die 2 "CHATGATE_WORKERS must be a positive number or auto, got '$CHATGATE_WORKERS'"
     command -v "$CHATGATE_BIN" >/dev/null 2>&1 ||
         die 127 "chatgate not found: CHATGATE_BIN='$CHATGATE_BIN' is not an executable or on PATH"
 }
@@ -217,12 +242,47 @@ graceful_stop() {
     exit 0
 }
 
+# Workers mode: chatgate starts, supervises and stops the Chainlit workers; this script
+# supervises chatgate alone. Its exit is the script's: 0 after a requested stop that ended
+# cleanly, else non-zero.
+run_with_workers() {
+    local status
+    log "starting chatgate with CHATGATE_WORKERS=$CHATGATE_WORKERS, worker command: $WORKER_CMD"
+    spawn "$CHATGATE_BIN" "$@" -- bash -c "exec $WORKER_CMD"
+    chatgate_pid=$!
+    log "supervising chatgate (pid $chatgate_pid), which supervises the workers"
+    while true; do
+        if [[ -n $stop_signal ]]; then
+            log "received SIG$stop_signal: stopping chatgate (it drains, then stops its workers)"
+            stop_child chatgate "$chatgate_pid" "$CHATGATE_STOP_TIMEOUT"
+            status=$?
+            if ((status != 0)); then
+                log "chatgate did not stop cleanly (status $status)"
+                exit 1
+            fi
+            log "stopped"
+            exit 0
+        fi
+        wait "$chatgate_pid"
+        status=$?
+        if [[ -z $stop_signal ]] && ! alive "$chatgate_pid"; then
+            log "error: chatgate (pid $chatgate_pid) exited on its own with status $status"
+            signal_group KILL "$chatgate_pid"
+            exit $((status == 0 ? 1 : status))
+        fi
+    done
+}
+
 main() {
     local status exited_pid
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
 
     validate_settings
+
+    if workers_mode; then
+        run_with_workers "$@"
+    fi
 
     log "starting backend: $BACKEND_CMD"
     spawn bash -c "$BACKEND_CMD"

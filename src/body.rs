@@ -151,8 +151,23 @@ where
 }
 
 enum Kind {
-    Full { data: Option<Bytes> },
-    Stream { body: Watched },
+    Full {
+        data: Option<Bytes>,
+    },
+    Stream {
+        body: Watched,
+    },
+    Tapped {
+        body: Watched,
+        tap: Box<dyn BodyTap>,
+    },
+}
+
+/// Sees a streamed response body's frames on their way to the client, and is dropped with
+/// the body: for bookkeeping that lasts as long as the response (a worker's load) or reads
+/// its first bytes (an Engine.IO handshake's session id). Nothing is held back.
+pub trait BodyTap: Send + Sync {
+    fn frame(&mut self, data: &Bytes);
 }
 
 /// Every response chatgate sends. Carries the request's access log, written when the body
@@ -188,6 +203,14 @@ impl ProxyBody {
         }
     }
 
+    /// A streamed body whose frames `tap` sees.
+    pub fn tapped(body: Watched, tap: Box<dyn BodyTap>) -> Self {
+        ProxyBody {
+            kind: Kind::Tapped { body, tap },
+            log: None,
+        }
+    }
+
     pub fn set_log(&mut self, mut log: AccessLog) {
         // An empty body is never polled: it is complete as soon as the head is sent.
         log.completed |= self.is_end_stream();
@@ -210,6 +233,15 @@ impl Body for ProxyBody {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 (polled, body.is_end_stream())
             }
+            Kind::Tapped { body, tap } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        tap.frame(data);
+                    }
+                }
+                (polled, body.is_end_stream())
+            }
         };
         if let Some(log) = this.log.as_mut() {
             match &polled {
@@ -229,7 +261,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full { data } => data.is_none(),
-            Kind::Stream { body } => body.is_end_stream(),
+            Kind::Stream { body } | Kind::Tapped { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -238,7 +270,7 @@ impl Body for ProxyBody {
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Kind::Stream { body } => body.size_hint(),
+            Kind::Stream { body } | Kind::Tapped { body, .. } => body.size_hint(),
         }
     }
 }

@@ -12,6 +12,8 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::backend::affinity::{engineio_request, unknown_session};
+use crate::backend::pool::Routing;
 use crate::body::ProxyBody;
 use crate::client_io::FramingConflict;
 use crate::config::AuthStubMode;
@@ -20,7 +22,8 @@ use crate::limits::{limit_class, origin_allowed};
 use crate::metrics::RouteClass;
 use crate::monitor::{self, Probe};
 use crate::proxy::headers::{
-    X_REQUEST_ID, client_addr, harden_cookies, is_sane_request_id, is_trusted, new_request_id,
+    X_FORWARDED_PROTO, X_REQUEST_ID, client_addr, harden_cookies, is_sane_request_id, is_trusted,
+    new_request_id,
 };
 use crate::proxy::{RequestContext, forward, websocket};
 use crate::responses;
@@ -43,8 +46,10 @@ pub async fn handle(
     let class = route_class(route, ctx.upgrade);
     let method = req.method().clone();
     let browser = is_browser_navigation(req.method(), req.headers());
-    let result = match admit(&gw, &req, &ctx, route, probe) {
-        Ok(()) => dispatch(&gw, req, &ctx, route).await,
+    let engineio = matches!(route, Route::SocketIo { .. })
+        || is_engineio(ctx.path(), ctx.uri.query(), &gw.config.routes.socketio_path);
+    let result = match admit(&gw, &req, &ctx, probe, engineio) {
+        Ok(()) => dispatch(&gw, req, &ctx, route, engineio).await,
         Err(refusal) => Err(refusal),
     };
     let mut response = result.unwrap_or_else(|error| {
@@ -109,8 +114,8 @@ fn admit(
     gw: &Gateway,
     req: &Request<Incoming>,
     ctx: &RequestContext,
-    route: Route<'_>,
     probe: bool,
+    engineio: bool,
 ) -> Result<(), ProxyError> {
     if !probe && req.extensions().get::<ProbeReserve>().is_some() {
         // Admitted beyond --max-connections for the probes only.
@@ -119,8 +124,6 @@ fn admit(
     }
     let path = ctx.path();
     let query = ctx.uri.query();
-    let engineio = matches!(route, Route::SocketIo { .. })
-        || is_engineio(path, query, &gw.config.routes.socketio_path);
     if gw.limits.is_enabled() {
         if let Some(class) = limit_class(path, query, ctx.upgrade, engineio, probe) {
             if let Err(wait) = gw.limits.check(class, ctx.client) {
@@ -142,6 +145,7 @@ async fn dispatch(
     req: Request<Incoming>,
     ctx: &RequestContext,
     route: Route<'_>,
+    engineio: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     check_request_target(&req)?;
     match route {
@@ -156,7 +160,7 @@ async fn dispatch(
                 location,
             ))
         }
-        Route::AuthConfig => auth_config(gw, req, ctx).await,
+        Route::AuthConfig => auth_config(gw, req, ctx, engineio).await,
         Route::SocketIo { rest } => {
             let mut path = socketio_backend_path(&gw.config.routes.socketio_path, rest);
             if let Some(query) = ctx.uri.query() {
@@ -165,40 +169,64 @@ async fn dispatch(
             }
             let pq = PathAndQuery::try_from(path)
                 .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
-            to_backend(gw, req, ctx, Some(pq)).await
+            to_backend(gw, req, ctx, Some(pq), engineio).await
         }
-        Route::Backend => to_backend(gw, req, ctx, None).await,
+        Route::Backend => {
+            let fetch = |req| to_backend(gw, req, ctx, None, engineio);
+            gw.asset_cache.serve(req, fetch).await
+        }
     }
 }
 
+/// Sends a request to its worker (see `backend::pool` for how it is chosen), or answers for
+/// an Engine.IO session whose worker is gone.
 async fn to_backend(
     gw: &Gateway,
     req: Request<Incoming>,
     ctx: &RequestContext,
     path_and_query: Option<PathAndQuery>,
+    engineio: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let session = engineio_request(engineio, ctx.uri.query());
+    let target = match gw.workers.route(req.headers(), session) {
+        Routing::To(target) => target,
+        Routing::DeadSession(sid) => return Ok(unknown_session(&sid)),
+    };
+    let secure = target.set_cookie && came_over_https(req.headers(), ctx);
     if ctx.upgrade {
-        return websocket::relay(gw, req, ctx, path_and_query).await;
+        return websocket::relay(gw, req, ctx, path_and_query, target, secure).await;
     }
-    forward::forward(gw, req, ctx, path_and_query).await
+    forward::forward(gw, req, ctx, path_and_query, target, secure).await
+}
+
+/// Whether the client reached us over https: chatgate itself speaks plain HTTP, so only a
+/// trusted proxy's `X-Forwarded-Proto` (its first entry: the client's side) can say so.
+fn came_over_https(headers: &http::HeaderMap, ctx: &RequestContext) -> bool {
+    ctx.trusted_peer
+        && headers
+            .get(&X_FORWARDED_PROTO)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"))
 }
 
 async fn auth_config(
     gw: &Gateway,
     req: Request<Incoming>,
     ctx: &RequestContext,
+    engineio: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let routes = &gw.config.routes;
     let stub = || responses::json(StatusCode::OK, routes.auth_stub_body.clone());
     match routes.auth_stub {
-        AuthStubMode::Off => to_backend(gw, req, ctx, None).await,
+        AuthStubMode::Off => to_backend(gw, req, ctx, None, engineio).await,
         AuthStubMode::On => {
             only_get_or_head(req.method())?;
             Ok(stub())
         }
         AuthStubMode::Auto => {
             let get = req.method() == Method::GET;
-            match to_backend(gw, req, ctx, None).await {
+            match to_backend(gw, req, ctx, None, engineio).await {
                 Ok(r)
                     if get
                         && (r.status().is_server_error()

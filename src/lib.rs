@@ -9,10 +9,13 @@
 //! - `gateway` (the request pipeline), which calls
 //! - `proxy` (`forward`, `websocket`: moving bytes to the backend) and `monitor` (probes),
 //!   which use
-//! - `state` (shared handles), `backend` (client, probe), `limits`, `telemetry`, `body`,
-//!   `error`, `responses`, and the leaves `config`, `routes`, `metrics`, `proxy::headers`,
-//!   `client_io`.
+//! - `state` (shared handles), `backend` (client, probe), `asset_cache` (content-hashed
+//!   static files from memory; the pipeline hands it the forwarder), `limits`, `telemetry`,
+//!   `body`, `error`, `responses`, `proxy::headers` (pure functions over the request's
+//!   `RequestContext`, defined in `proxy/mod.rs`), and the leaves `config`, `routes`,
+//!   `metrics`, `asset_cache::{negotiate, policy}`, `client_io`.
 
+pub mod asset_cache;
 pub mod config;
 pub mod healthcheck;
 pub mod proxy;

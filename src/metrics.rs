@@ -70,9 +70,31 @@ pub struct Gauges {
     pub probe_latency_ms: Option<f64>,
 }
 
+/// The asset cache's handles, cloned into it once (each is an `Arc` to an atomic). The gauges
+/// are set by the cache whenever it changes, under its own lock, so they are never stale.
+#[derive(Clone)]
+pub struct AssetCacheMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub coalesced: Counter,
+    pub bytes_served: Counter,
+    pub entries: Gauge,
+    pub memory_bytes: Gauge,
+}
+
+/// One worker's metric handles, updated where its state changes.
+pub struct WorkerHandles {
+    pub up: Gauge,
+    pub relays: Gauge,
+    pub requests: Counter,
+    pub restarts: Counter,
+}
+
 /// Every metric chatgate exports.
 pub struct Metrics {
     recorder: PrometheusRecorder,
+    /// The rate-limit counters by class label, registered once.
+    rate_limited: OnceLock<Vec<(&'static str, Counter)>>,
     handle: PrometheusHandle,
     // Registered on first use, then read without a lock.
     requests: Vec<OnceLock<Counter>>,
@@ -92,6 +114,7 @@ pub struct Metrics {
     chat_answers_in_progress: Gauge,
     chat_first_token: Histogram,
     chat_answer_duration: Histogram,
+    pub asset_cache: AssetCacheMetrics,
 }
 
 fn key(name: &'static str, labels: Vec<Label>) -> Key {
@@ -215,6 +238,56 @@ impl Metrics {
             None,
             "Client connections cut because a write waited --body-idle-timeout for the client to read.",
         );
+        describe(
+            "chatgate_asset_cache_hits_total",
+            None,
+            "Asset requests answered from memory (200, 304 or HEAD).",
+        );
+        describe(
+            "chatgate_asset_cache_misses_total",
+            None,
+            "Cacheable-looking asset requests that went to the backend.",
+        );
+        describe(
+            "chatgate_asset_cache_coalesced_total",
+            None,
+            "Asset requests that waited for another request's fetch of the same file.",
+        );
+        describe(
+            "chatgate_asset_cache_bytes_served_total",
+            Some(Unit::Bytes),
+            "Response body bytes served from the asset cache.",
+        );
+        describe(
+            "chatgate_asset_cache_entries",
+            None,
+            "Files held by the asset cache.",
+        );
+        describe(
+            "chatgate_asset_cache_memory_bytes",
+            Some(Unit::Bytes),
+            "Bytes held by the asset cache (every variant, plus a fixed overhead per entry).",
+        );
+        describe(
+            "chatgate_worker_up",
+            None,
+            "1 when the worker is reachable, by worker index (several workers only).",
+        );
+        describe(
+            "chatgate_worker_relays",
+            None,
+            "Open WebSocket relays to the worker, by worker index.",
+        );
+        describe(
+            "chatgate_worker_requests_total",
+            None,
+            "Requests and relays sent to the worker, by worker index.",
+        );
+        describe(
+            "chatgate_worker_restarts_total",
+            None,
+            "Times a supervised worker exited and was started again, by worker index.",
+        );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
             recorder.register_counter(&key(name, labels), &META)
@@ -263,6 +336,15 @@ impl Metrics {
             ),
             chat_answer_duration: recorder
                 .register_histogram(&key("chatgate_chat_answer_duration_seconds", vec![]), &META),
+            asset_cache: AssetCacheMetrics {
+                hits: counter("chatgate_asset_cache_hits_total", vec![]),
+                misses: counter("chatgate_asset_cache_misses_total", vec![]),
+                coalesced: counter("chatgate_asset_cache_coalesced_total", vec![]),
+                bytes_served: counter("chatgate_asset_cache_bytes_served_total", vec![]),
+                entries: gauge("chatgate_asset_cache_entries"),
+                memory_bytes: gauge("chatgate_asset_cache_memory_bytes"),
+            },
+            rate_limited: OnceLock::new(),
             handle,
             recorder,
         }
@@ -345,21 +427,67 @@ impl Metrics {
     /// Shows the rate-limit counters at 0 before any refusal, so that `rate()` works from
     /// the first scrape.
     pub fn declare_rate_limit_classes(&self, classes: &[&'static str]) {
-        for &class in classes {
-            let labels = vec![Label::from_static_parts("class", class)];
-            self.recorder
-                .register_counter(&key("chatgate_rate_limited_total", labels), &META)
-                .increment(0);
+        let handles = classes
+            .iter()
+            .map(|&class| {
+                let labels = vec![Label::from_static_parts("class", class)];
+                let counter = self
+                    .recorder
+                    .register_counter(&key("chatgate_rate_limited_total", labels), &META);
+                counter.increment(0);
+                (class, counter)
+            })
+            .collect();
+        let _ = self.rate_limited.set(handles);
+    }
+
+    /// Counts a request refused by the rate limit of `class` (one of the declared labels).
+    /// Under a 429 flood this is the hot path: the handles are registered once, so a
+    /// refusal only touches an atomic.
+    pub fn rate_limited(&self, class: &'static str) {
+        let declared = self.rate_limited.get().and_then(|handles| {
+            handles
+                .iter()
+                .find(|(label, _)| *label == class)
+                .map(|(_, counter)| counter)
+        });
+        match declared {
+            Some(counter) => counter.increment(1),
+            None => {
+                let labels = vec![Label::from_static_parts("class", class)];
+                self.recorder
+                    .register_counter(&key("chatgate_rate_limited_total", labels), &META)
+                    .increment(1);
+            }
         }
     }
 
-    /// Counts a request refused by the rate limit of `class` (a fixed set of labels). Off
-    /// the hot path: only refused requests come here.
-    pub fn rate_limited(&self, class: &'static str) {
-        let labels = vec![Label::from_static_parts("class", class)];
-        self.recorder
-            .register_counter(&key("chatgate_rate_limited_total", labels), &META)
-            .increment(1);
+    /// The handles of worker `index` (labelled `worker="<index>"`: bounded by the worker
+    /// count), registered once at start-up and shown at 0 from the first scrape.
+    pub fn worker(&self, index: usize) -> WorkerHandles {
+        let labels = || vec![Label::new("worker", index.to_string())];
+        let up = self
+            .recorder
+            .register_gauge(&key("chatgate_worker_up", labels()), &META);
+        up.set(0.0);
+        let relays = self
+            .recorder
+            .register_gauge(&key("chatgate_worker_relays", labels()), &META);
+        relays.set(0.0);
+        let requests = self
+            .recorder
+            .register_counter(&key("chatgate_worker_requests_total", labels()), &META);
+        requests.increment(0);
+        let restarts = self
+            .recorder
+            .register_counter(&key("chatgate_worker_restarts_total", labels()), &META);
+        restarts.increment(0);
+        WorkerHandles {
+            up,
+            relays,
+            requests,
+            restarts,
+        }
     }
 
     pub fn refused_connection(&self) {
@@ -479,5 +607,27 @@ mod tests {
             text.contains("chatgate_request_duration_seconds_bucket"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn workers_have_their_own_labelled_series_from_the_start() {
+        let m = Metrics::new();
+        let w0 = m.worker(0);
+        let w1 = m.worker(1);
+        w1.up.set(1.0);
+        w1.relays.increment(1.0);
+        w1.requests.increment(3);
+        w0.restarts.increment(1);
+        let text = m.render(Gauges::default());
+        for line in [
+            r#"chatgate_worker_up{worker="0"} 0"#,
+            r#"chatgate_worker_up{worker="1"} 1"#,
+            r#"chatgate_worker_relays{worker="1"} 1"#,
+            r#"chatgate_worker_requests_total{worker="1"} 3"#,
+            r#"chatgate_worker_requests_total{worker="0"} 0"#,
+            r#"chatgate_worker_restarts_total{worker="0"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 }

@@ -40,21 +40,42 @@ pub fn answer(
     })
 }
 
-/// The readiness document and its status: 200 when the backend is reachable and we are not
-/// draining, 503 otherwise.
+/// The readiness document and its status: 200 when the backend (at least one worker) is
+/// reachable and we are not draining, 503 otherwise.
+///
+/// `backend` is the one backend's report; with several workers it sums them up (`reachable`
+/// while any is, `workers_up` of `workers`), and `workers` lists each worker either way.
 pub fn health_document(gateway: &Gateway) -> (StatusCode, serde_json::Value) {
-    let reachable = gateway.health.is_reachable();
+    let workers = &gateway.workers;
+    let reachable = workers.any_reachable();
     let (status, code) = match (gateway.is_draining(), reachable) {
         (true, _) => ("draining", StatusCode::SERVICE_UNAVAILABLE),
         (false, true) => ("ok", StatusCode::OK),
         (false, false) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
     };
     let gauges = gateway.gauges();
+    let backend = if workers.several() {
+        let up = workers
+            .all()
+            .iter()
+            .filter(|w| w.health.is_reachable())
+            .count();
+        json!({
+            "reachable": reachable,
+            "workers": workers.len(),
+            "workers_up": up,
+            "sessions_known": workers.sessions.len(),
+        })
+    } else {
+        let worker = workers.first();
+        worker.health.report(&worker.backend.url.display)
+    };
     let doc = json!({
         "status": status,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": gateway.uptime().as_secs(),
-        "backend": gateway.health.report(&gateway.config.backend.url.display),
+        "backend": backend,
+        "workers": workers.report(),
         "connections": {
             "clients": gauges.client_connections,
             "websockets": gauges.websocket_relays,
@@ -83,11 +104,16 @@ mod tests {
         let (code, doc) = health_document(&gw);
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(doc["status"], "unavailable");
-        gw.health.record(Ok(Duration::from_micros(1500)));
+        gw.workers
+            .first()
+            .health
+            .record(Ok(Duration::from_micros(1500)));
         let (code, doc) = health_document(&gw);
         assert_eq!(code, StatusCode::OK);
         assert_eq!(doc["backend"]["reachable"], true);
         assert_eq!(doc["backend"]["latency_ms"], 1.5);
+        assert_eq!(doc["workers"][0]["reachable"], true);
+        assert_eq!(doc["workers"][0]["index"], 0);
         let _relay = gw.load.websocket_relay();
         let (_, doc) = health_document(&gw);
         assert_eq!(doc["connections"]["websockets"], 1);

@@ -17,7 +17,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::health::BackendProbe;
 use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict};
 use crate::config::Config;
 use crate::responses::TOO_MANY_CONNECTIONS;
@@ -48,10 +47,9 @@ pub async fn run(
 ) {
     let grace = config.shutdown.grace;
     let delay = config.shutdown.delay;
-    let probe = BackendProbe::new(&config.backend, &config.health);
     let gateway = Arc::new(Gateway::new(config));
+    let backends = gateway.start_backends();
     let probe_stop = CancellationToken::new();
-    tokio::spawn(probe.watch(Arc::clone(&gateway.health), probe_stop.clone()));
     tokio::spawn(housekeeping(Arc::clone(&gateway), probe_stop.clone()));
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(
@@ -76,6 +74,7 @@ pub async fn run(
     tracing::info!(
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         backend = gateway.config.backend.url.display.as_str(),
+        workers = gateway.workers.len(),
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );
@@ -116,6 +115,8 @@ pub async fn run(
             "grace period over; closing what is left"
         );
     }
+    // The workers chatgate started go last: what was in flight to them has drained.
+    backends.stop().await;
     probe_stop.cancel();
     tracing::info!("stopped");
 }
@@ -254,6 +255,10 @@ async fn serve_request(
     }
     if reserve {
         req.extensions_mut().insert(ProbeReserve);
+    }
+    // A WebSocket relay tells the watch once it holds the socket (see `hand_over`).
+    if req.headers().contains_key(header::UPGRADE) {
+        req.extensions_mut().insert(Arc::clone(&watch));
     }
     let mut response = crate::gateway::handle(gateway, req, peer).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {

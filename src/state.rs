@@ -8,8 +8,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::asset_cache::AssetCache;
 use crate::backend::client::{BackendClient, backend_client, tls_config};
-use crate::backend::health::BackendHealth;
+use crate::backend::health::BackendProbe;
+use crate::backend::pool::{WorkerMetrics, Workers};
+use crate::backend::supervisor::Supervisor;
 use crate::chat::Chat;
 use crate::chat::limits::{ChatLimits, Refusal};
 use crate::config::Config;
@@ -23,8 +26,8 @@ pub struct Gateway {
     pub client: BackendClient,
     /// TLS for the WebSocket leg to an `https://` backend.
     pub tls: Arc<rustls::ClientConfig>,
-    /// The probe's verdict on the backend.
-    pub health: Arc<BackendHealth>,
+    /// The backend's workers (one, unless several run): their health, load and affinity.
+    pub workers: Arc<Workers>,
     /// What chatgate carries right now.
     pub load: Arc<ProxyLoad>,
     /// Cancelled on shutdown: connections drain, relays close with 1001.
@@ -39,6 +42,8 @@ pub struct Gateway {
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// [`PROBE_RESERVE`] more, for connections that may only ask the probe routes.
     pub probe_slots: Arc<tokio::sync::Semaphore>,
+    /// Content-hashed static files served from memory (`--asset-cache-*`).
+    pub asset_cache: AssetCache,
     started: Instant,
     draining: AtomicBool,
 }
@@ -116,11 +121,26 @@ impl Gateway {
             metrics: Arc::clone(&metrics),
         });
         let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
+        let workers = Workers::new(
+            &config.backend,
+            config.worker_urls(),
+            config.workers.affinity.clone(),
+            |index| {
+                let handles = metrics.worker(index);
+                let worker = WorkerMetrics {
+                    relays: Some(handles.relays),
+                    requests: Some(handles.requests),
+                    restarts: Some(handles.restarts),
+                };
+                (worker, Some(handles.up))
+            },
+        );
         Gateway {
+            asset_cache: AssetCache::new(&config.asset_cache, metrics.asset_cache.clone()),
             client: backend_client(&config.backend),
             tls: Arc::new(tls_config()),
             config,
-            health: Arc::new(BackendHealth::default()),
+            workers: Arc::new(workers),
             load: Arc::new(ProxyLoad::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -152,8 +172,53 @@ impl Gateway {
         Gauges {
             client_connections: self.load.client_connections.load(Ordering::Relaxed),
             websocket_relays: self.load.websocket_relays.load(Ordering::Relaxed),
-            backend_up: self.health.is_reachable(),
-            probe_latency_ms: self.health.latency_ms(),
+            backend_up: self.workers.any_reachable(),
+            probe_latency_ms: self.workers.first().health.latency_ms(),
         }
+    }
+
+    /// Starts what runs beside the requests: a probe per worker, the supervised workers
+    /// (when chatgate starts them), the sweep of the session table.
+    pub fn start_backends(&self) -> BackendTasks {
+        let stop = CancellationToken::new();
+        for worker in self.workers.all() {
+            let probe = BackendProbe::new(&worker.backend, &self.config.health);
+            tokio::spawn(probe.watch(Arc::clone(&worker.health), stop.clone()));
+        }
+        let supervisor = self.config.workers.supervised.as_ref().and_then(|config| {
+            Supervisor::start(config, self.workers.all())
+                .map_err(|e| tracing::error!(error = %e, "cannot start the workers"))
+                .ok()
+        });
+        if self.workers.several() {
+            let workers = Arc::clone(&self.workers);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(std::time::Duration::from_secs(15));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = ticker.tick() => workers.sessions.sweep(),
+                    }
+                }
+            });
+        }
+        BackendTasks { stop, supervisor }
+    }
+}
+
+/// The background work of [`Gateway::start_backends`].
+pub struct BackendTasks {
+    stop: CancellationToken,
+    supervisor: Option<Supervisor>,
+}
+
+impl BackendTasks {
+    /// Stops the supervised workers (after chatgate's own drain) and the probes.
+    pub async fn stop(self) {
+        if let Some(supervisor) = self.supervisor {
+            supervisor.stop().await;
+        }
+        self.stop.cancel();
     }
 }

@@ -168,7 +168,9 @@ async fn small_buffer_client(addr: SocketAddr) -> TcpStream {
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout() {
     let (backend, dropped) = endless_backend().await;
-    let proxy = Proxy::start(backend.addr, &["--body-idle-timeout", "1"]).await;
+    // A wide margin between each pause and the timeout: a busy machine delays a wake-up
+    // by tenths of a second. (The exact threshold is pinned by client_io's paused-time tests.)
+    let proxy = Proxy::start(backend.addr, &["--body-idle-timeout", "3"]).await;
     proxy.wait_ready().await;
     let mut client = small_buffer_client(proxy.addr).await;
     client
@@ -212,7 +214,9 @@ async fn a_slow_reader_that_keeps_reading_is_not_cut() {
         Response::new(full(vec![b'y'; TOTAL]))
     }))
     .await;
-    let proxy = Proxy::start(backend.addr, &["--body-idle-timeout", "1"]).await;
+    // A wide margin between each pause and the timeout: a busy machine delays a wake-up
+    // by tenths of a second. (The exact threshold is pinned by client_io's paused-time tests.)
+    let proxy = Proxy::start(backend.addr, &["--body-idle-timeout", "3"]).await;
     proxy.wait_ready().await;
     let mut client = small_buffer_client(proxy.addr).await;
     client
@@ -221,10 +225,10 @@ async fn a_slow_reader_that_keeps_reading_is_not_cut() {
         .unwrap();
     let mut got = 0usize;
     let mut buf = vec![0u8; 256 * 1024];
-    // Six pauses of 0.6 s, 3.6 s in all, with chatgate's writes waiting through each:
+    // Eight pauses of 0.5 s, 4 s in all, with chatgate's writes waiting through each:
     // longer than the idle timeout in total, never in one wait.
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let until = got + (2 << 20);
         while got < until {
             let n = client.read(&mut buf).await.unwrap();

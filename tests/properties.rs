@@ -1,10 +1,13 @@
 //! Property tests over the pure functions that take client (or operator) input: the route
-//! table, the `/chat` redirect builder, the Socket.IO mapping, header rewriting and config
-//! validation. These are the issue's fuzz targets: cargo-fuzz needs nightly, proptest runs on
-//! stable in `cargo test`. Case counts are modest so the file runs in seconds.
+//! table, the `/chat` redirect builder, the Socket.IO mapping, header rewriting, config
+//! validation and the asset cache's negotiation and policy. These are the issue's fuzz
+//! targets: cargo-fuzz needs nightly, proptest runs on stable in `cargo test`. Case counts
+//! are modest so the file runs in seconds.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use chatgate::asset_cache::negotiate::{self, Coding};
+use chatgate::asset_cache::policy;
 use chatgate::config::{Cli, Config, parse_backend, parse_trusted_proxies};
 use chatgate::proxy::headers::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, client_addr, is_sane_request_id,
@@ -468,6 +471,10 @@ const SETTINGS: &[&str] = &[
     "harden-cookies",
     "admin-listen",
     "log-format",
+    "asset-cache-bytes",
+    "asset-cache-max-file",
+    "asset-cache-paths",
+    "asset-cache-revalidate",
 ];
 
 proptest! {
@@ -561,5 +568,132 @@ proptest! {
         if let Err(e) = Config::from_settings(&cli.settings) {
             assert_names_the_setting(&e.to_string(), setting)?;
         }
+    }
+}
+
+/// `Accept-Encoding` lines: codings chatgate serves and others, with q-values right and wrong,
+/// and random spacing and commas.
+fn accept_encoding_line() -> impl Strategy<Value = HeaderValue> {
+    let coding = prop::sample::select(vec![
+        "br", "gzip", "x-gzip", "identity", "*", "deflate", "zstd", "BR", "", ";",
+    ]);
+    let q = prop::sample::select(vec![
+        "",
+        ";q=0",
+        ";q=1",
+        ";q=0.5",
+        ";q=0.001",
+        ";q=1.0",
+        ";q=2",
+        ";q=",
+        ";q=-1",
+        ";q=0.1234",
+        " ; q=0.3",
+        ";level=5",
+    ]);
+    let element = (coding, q).prop_map(|(c, q)| format!("{c}{q}"));
+    let line = prop::collection::vec(element, 0..6).prop_map(|parts| parts.join(" ,"));
+    prop_oneof![
+        4 => line.prop_map(|l| HeaderValue::from_str(&l).expect("visible ASCII")),
+        1 => any_header_value(),
+    ]
+}
+
+/// The q-value a line gives a coding, per RFC 9110 (for checking the chosen one).
+fn weight_of(lines: &[HeaderValue], coding: &str) -> Option<u16> {
+    let mut best: Option<u16> = None;
+    for line in lines {
+        let Ok(line) = line.to_str() else { continue };
+        for element in line.split(',') {
+            let mut parts = element.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let mut q = Some(1000);
+            for param in parts {
+                match param.split_once('=') {
+                    Some((k, v)) if k.trim().eq_ignore_ascii_case("q") => {
+                        q = match v.trim() {
+                            "0" => Some(0),
+                            "1" | "1.0" => Some(1000),
+                            "0.5" => Some(500),
+                            "0.3" => Some(300),
+                            "0.001" => Some(1),
+                            _ => None,
+                        }
+                    }
+                    Some(_) => {}
+                    None => q = None,
+                }
+            }
+            let matches = name.eq_ignore_ascii_case(coding)
+                || (coding == "gzip" && name.eq_ignore_ascii_case("x-gzip"));
+            if let (true, Some(q)) = (matches, q) {
+                best = Some(best.map_or(q, |b| b.max(q)));
+            }
+        }
+    }
+    best
+}
+
+proptest! {
+    #![proptest_config(cases(2000))]
+
+    /// Negotiation never panics and never picks a variant that does not exist, nor one
+    /// the client gave q=0 while listing no `*`.
+    #[test]
+    fn negotiation_picks_an_existing_acceptable_variant(
+        lines in prop::collection::vec(accept_encoding_line(), 0..3),
+        has_br in any::<bool>(),
+        has_gzip in any::<bool>(),
+    ) {
+        let chosen = negotiate::choose(&lines, has_br, has_gzip);
+        let no_star = weight_of(&lines, "*").is_none();
+        match chosen {
+            Coding::Brotli => {
+                prop_assert!(has_br);
+                prop_assert!(!(no_star && weight_of(&lines, "br").unwrap_or(0) == 0));
+            }
+            Coding::Gzip => {
+                prop_assert!(has_gzip);
+                prop_assert!(!(no_star && weight_of(&lines, "gzip").unwrap_or(0) == 0));
+            }
+            Coding::Identity => {}
+        }
+        if lines.is_empty() {
+            prop_assert_eq!(chosen, Coding::Identity);
+        }
+    }
+
+    /// Only plainly spelled, content-hashed names under a prefix are cacheable: whatever
+    /// the path, a cacheable one has no dot segment, no percent sign and no empty segment.
+    #[test]
+    fn cacheable_paths_are_plain(path in hostile_text(), hash in "[A-Za-z0-9_-]{8}") {
+        let prefixes = vec!["/assets/".to_owned()];
+        for candidate in [format!("/assets/{path}"), format!("/assets/{path}-{hash}.js"), format!("/{path}")] {
+            if policy::is_cacheable_path(&candidate, &prefixes) {
+                let rest = candidate.strip_prefix("/assets/").expect("under the prefix");
+                prop_assert!(!candidate.contains('%') && !candidate.contains("//"));
+                prop_assert!(rest.split('/').all(|s| !s.is_empty() && s != "." && s != ".."));
+                prop_assert!(rest.is_ascii());
+            }
+        }
+    }
+
+    /// Conditional headers of any shape never panic, and a request naming the exact tag
+    /// (first or later in the list) always gets a 304.
+    #[test]
+    fn conditionals_never_panic_and_an_exact_tag_matches(
+        none_match in any_header_value(),
+        since in any_header_value(),
+        tag in "[a-f0-9]{16}(-gzip|-br)?",
+    ) {
+        let etag = HeaderValue::from_str(&format!("\"{tag}\"")).expect("visible ASCII");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::IF_MODIFIED_SINCE, since);
+        let _ = policy::not_modified(&headers, &etag, Some(std::time::SystemTime::UNIX_EPOCH));
+        headers.insert(header::IF_NONE_MATCH, none_match.clone());
+        let _ = policy::not_modified(&headers, &etag, None);
+        let listed = format!("\"x\", W/\"{tag}\"");
+        headers.insert(header::IF_NONE_MATCH, HeaderValue::from_str(&listed).expect("ASCII"));
+        prop_assert!(policy::not_modified(&headers, &etag, None));
     }
 }

@@ -2,7 +2,11 @@
 
 Every user message gets a reply derived from its text, streamed token by token
 with `Message.stream_token`, so a client sees `stream_start` / `stream_token`
-events travel through the proxy rather than one finished message.
+events travel through the proxy rather than one finished message. Files
+attached to the message (uploaded with `POST /project/file`) are read back from
+the worker's own disk and acknowledged in a second message,
+"Received NAME: N bytes, sha256 HEX", so a test can tell that the upload
+reached the process that runs the chat.
 
 Run it (from this directory, in a venv with requirements.txt installed):
 
@@ -10,6 +14,8 @@ Run it (from this directory, in a venv with requirements.txt installed):
 """
 
 import asyncio
+import hashlib
+from pathlib import Path
 
 import chainlit as cl
 
@@ -41,3 +47,10 @@ async def on_message(message: cl.Message) -> None:
         await msg.stream_token(token)
         await asyncio.sleep(SLOW_TOKEN_DELAY_SECONDS if slow else TOKEN_DELAY_SECONDS)
     await msg.send()
+    for element in message.elements or []:
+        if getattr(element, "path", None):
+            data = Path(element.path).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            await cl.Message(
+                content=f"Received {element.name}: {len(data)} bytes, sha256 {digest}"
+            ).send()

@@ -92,12 +92,39 @@ pub fn proxy_error(err: hyper_util::client::legacy::Error) -> ProxyError {
     ProxyError::BackendReset(Cause::new(err))
 }
 
+/// Why the WebSocket leg has no connection.
+#[derive(Debug)]
+pub enum LegError {
+    /// Nothing listens at the backend: another worker may take the client.
+    Refused(io::Error),
+    Failed(ProxyError),
+}
+
+impl From<LegError> for ProxyError {
+    fn from(err: LegError) -> ProxyError {
+        match err {
+            LegError::Refused(e) => ProxyError::BackendConnect(Cause::new(e)),
+            LegError::Failed(e) => e,
+        }
+    }
+}
+
 /// Opens the WebSocket leg's own connection to the backend (it is not pooled: it becomes
 /// the relay's), TLS included for an `https://` backend; bounded by `--connect-timeout`.
 pub async fn connect_stream(
     config: &BackendConfig,
     tls: &Arc<rustls::ClientConfig>,
-) -> Result<BackendStream, ProxyError> {
+) -> Result<BackendStream, LegError> {
+    connect_leg(config, tls).await.map_err(|e| match e {
+        Ok(refused) => LegError::Refused(refused),
+        Err(failed) => LegError::Failed(failed),
+    })
+}
+
+async fn connect_leg(
+    config: &BackendConfig,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<BackendStream, Result<io::Error, ProxyError>> {
     let url = &config.url;
     // An IP backend (the usual 127.0.0.1) is connected to directly: a host name would send
     // every handshake through the blocking resolver pool.
@@ -108,20 +135,26 @@ pub async fn connect_stream(
         }
     };
     let tcp = match tokio::time::timeout(config.connect_timeout, connect).await {
-        Err(_) => return Err(ProxyError::BackendConnectTimeout),
-        Ok(Err(e)) => return Err(ProxyError::BackendConnect(Cause::new(e))),
+        Err(_) => return Err(Err(ProxyError::BackendConnectTimeout)),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(Ok(e)),
+        Ok(Err(e)) => return Err(Err(ProxyError::BackendConnect(Cause::new(e)))),
         Ok(Ok(tcp)) => tcp,
     };
     let _ = tcp.set_nodelay(true);
     if !url.is_https() {
         return Ok(BackendStream::Plain(tcp));
     }
-    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-        .map_err(|e| ProxyError::BackendConnect(Cause::msg(format!("TLS name: {e}"))))?;
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| {
+        Err(ProxyError::BackendConnect(Cause::msg(format!(
+            "TLS name: {e}"
+        ))))
+    })?;
     let tls = tokio_rustls::TlsConnector::from(Arc::clone(tls)).connect(name, tcp);
     match tokio::time::timeout(config.connect_timeout, tls).await {
-        Err(_) => Err(ProxyError::BackendConnectTimeout),
-        Ok(Err(e)) => Err(ProxyError::BackendConnect(Cause::msg(format!("TLS: {e}")))),
+        Err(_) => Err(Err(ProxyError::BackendConnectTimeout)),
+        Ok(Err(e)) => Err(Err(ProxyError::BackendConnect(Cause::msg(format!(
+            "TLS: {e}"
+        ))))),
         Ok(Ok(stream)) => Ok(BackendStream::Tls(Box::new(stream))),
     }
 }

@@ -1,11 +1,17 @@
 //! The backend probe and its verdict.
 //!
-//! A background task probes the backend on an interval (`GET /health`, which Chainlit ≥ 2.10
-//! answers; a TCP connect when HTTP fails for another reason than a refused connection) and
-//! caches the verdict: down only after 3 failures in a row, up after one success. Requests
-//! read the cache; nothing probes per request.
+//! A background task probes the backend (`GET /health`, which Chainlit ≥ 2.10 answers; a TCP
+//! connect when HTTP fails for another reason than a refused connection) and caches the
+//! verdict: down only after 3 failures in a row, up after one success. Real requests feed the
+//! same verdict passively: any answer the backend produced itself counts as a success, a
+//! refused connection as a failure. Nothing probes per request.
+//!
+//! The probe runs every `--health-interval` while the backend is up and settled; while it is
+//! down, unknown or has just failed, every 0.5 s backing off to the interval, so that
+//! readiness follows a backend that starts late (or dies) within about a second.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -14,7 +20,7 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::backend::client::{Connector, connector, is_refused};
@@ -22,73 +28,134 @@ use crate::config::{BackendConfig, HealthConfig};
 
 /// Failures in a row before the backend counts as down.
 pub const FAILURES_TO_DOWN: u32 = 3;
+/// The probe's quickest pace, while the backend is down or unknown.
+pub const QUICK_PROBE: Duration = Duration::from_millis(500);
+/// Probes that a burst of refused requests (or a worker's exit) triggers are at least this
+/// far apart: those requests already count as failures, the probe only has to notice the
+/// backend's return at the quick pace.
+const WAKE_SPACING: Duration = QUICK_PROBE;
 
 #[derive(Debug, Clone, Default)]
 struct ProbeRecord {
     latency_ms: Option<f64>,
     last_checked: Option<SystemTime>,
-    consecutive_failures: u32,
     last_error: Option<String>,
 }
 
-/// The cached verdict on the backend and what the last probes saw.
+/// The cached verdict on one backend and what the last probes saw.
+///
+/// The request path reads and feeds it through atomics only: a success on a healthy backend
+/// costs two loads, no lock.
 #[derive(Debug)]
 pub struct BackendHealth {
-    /// `true` once a probe succeeded, `false` after 3 failures in a row; `watch` so that
-    /// `--backend-wait` can wait for it.
-    reachable: watch::Sender<bool>,
+    /// The verdict: `true` once something succeeded, `false` after 3 failures in a row.
+    reachable: AtomicBool,
+    consecutive_failures: AtomicU32,
+    /// Failures ever (probe or request): an answer to a request sent before the latest
+    /// failure proves nothing about now (a dying backend still answers its last requests).
+    failures_seen: AtomicU64,
+    /// The last real connection attempt was refused: nothing listens right now. Routing
+    /// avoids the backend at once, without waiting for the verdict.
+    refusing: AtomicBool,
+    /// The verdict again, for `--backend-wait` to wait on.
+    verdict: watch::Sender<bool>,
     record: Mutex<ProbeRecord>,
+    /// Wakes the probe for a quick look (after a refused request, or a worker's exit).
+    wake: Notify,
+    /// `chatgate_worker_up` of this backend, when it is one of several.
+    up_gauge: Option<metrics::Gauge>,
+    /// The worker index, for log lines, when it is one of several.
+    worker: Option<usize>,
 }
 
 impl Default for BackendHealth {
     fn default() -> Self {
-        BackendHealth {
-            reachable: watch::Sender::new(false),
-            record: Mutex::new(ProbeRecord::default()),
-        }
+        BackendHealth::new(None, None)
     }
 }
 
 impl BackendHealth {
+    pub fn new(worker: Option<usize>, up_gauge: Option<metrics::Gauge>) -> BackendHealth {
+        BackendHealth {
+            reachable: AtomicBool::new(false),
+            consecutive_failures: AtomicU32::new(0),
+            failures_seen: AtomicU64::new(0),
+            refusing: AtomicBool::new(false),
+            verdict: watch::Sender::new(false),
+            record: Mutex::new(ProbeRecord::default()),
+            wake: Notify::new(),
+            up_gauge,
+            worker,
+        }
+    }
+
     pub fn is_reachable(&self) -> bool {
-        *self.reachable.borrow()
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Whether new work should go here: reachable, and the last attempt was not refused.
+    pub fn is_usable(&self) -> bool {
+        self.is_reachable() && !self.refusing.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last real attempt found nothing listening.
+    pub fn is_refusing(&self) -> bool {
+        self.refusing.load(Ordering::Relaxed)
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
     }
 
     /// Latency of the last successful probe, while the backend counts as reachable.
     pub fn latency_ms(&self) -> Option<f64> {
-        self.record
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .latency_ms
+        self.lock().latency_ms
     }
 
     pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.reachable.subscribe()
+        self.verdict.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProbeRecord> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_verdict(&self, up: bool) {
+        if self.reachable.swap(up, Ordering::SeqCst) != up {
+            if let Some(gauge) = &self.up_gauge {
+                gauge.set(if up { 1.0 } else { 0.0 });
+            }
+            if up {
+                tracing::info!(worker = self.worker, "backend reachable");
+            } else {
+                tracing::warn!(worker = self.worker, "backend down");
+            }
+        }
+        self.verdict
+            .send_if_modified(|v| std::mem::replace(v, up) != up);
     }
 
     /// Folds one probe's outcome into the verdict.
     pub fn record(&self, outcome: Result<Duration, String>) {
-        let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        let mut record = self.lock();
         record.last_checked = Some(SystemTime::now());
         match outcome {
             Ok(latency) => {
                 record.latency_ms = Some((latency.as_secs_f64() * 1e6).round() / 1e3);
-                record.consecutive_failures = 0;
                 record.last_error = None;
-                self.reachable
-                    .send_if_modified(|up| !std::mem::replace(up, true));
+                drop(record);
+                self.succeeded();
             }
             Err(error) => {
-                record.consecutive_failures = record.consecutive_failures.saturating_add(1);
-                if record.consecutive_failures >= FAILURES_TO_DOWN {
+                let failures = self.failed();
+                if failures >= FAILURES_TO_DOWN {
                     record.latency_ms = None;
-                    self.reachable
-                        .send_if_modified(|up| std::mem::replace(up, false));
                 }
                 if record.last_error.as_deref() != Some(error.as_str()) {
                     tracing::warn!(
+                        worker = self.worker,
                         error,
-                        failures = record.consecutive_failures,
+                        failures,
                         "backend probe failed"
                     );
                 }
@@ -97,13 +164,89 @@ impl BackendHealth {
         }
     }
 
+    fn succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.refusing.store(false, Ordering::Relaxed);
+        self.set_verdict(true);
+    }
+
+    /// One more failure in a row; the backend is down from the third. Returns the count.
+    fn failed(&self) -> u32 {
+        self.failures_seen.fetch_add(1, Ordering::SeqCst);
+        let failures = self
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if failures >= FAILURES_TO_DOWN {
+            self.set_verdict(false);
+        }
+        failures
+    }
+
+    /// Where the failures stand, read before a request is sent: see [`Self::passive_success`].
+    pub fn epoch(&self) -> u64 {
+        self.failures_seen.load(Ordering::SeqCst)
+    }
+
+    /// A real request sent at `epoch` got an answer the backend produced itself (any
+    /// status): it is there, unless something failed since the request went out.
+    pub fn passive_success(&self, epoch: u64) {
+        // The usual case, a healthy backend, costs two loads.
+        if self.consecutive_failures.load(Ordering::Relaxed) == 0 && self.is_usable() {
+            return;
+        }
+        if self.epoch() != epoch {
+            return;
+        }
+        let recovered = !self.is_reachable();
+        self.succeeded();
+        if recovered {
+            let mut record = self.lock();
+            record.last_error = None;
+            tracing::info!(worker = self.worker, "backend answers a request: reachable");
+        }
+    }
+
+    /// A real request's connection was refused: nothing listens. Counts as a failure of the
+    /// verdict (down after 3 in a row, before the next probe tick) and takes the backend out
+    /// of routing at once; the probe is woken to look again soon.
+    pub fn passive_refused(&self) {
+        let first = !self.refusing.swap(true, Ordering::Relaxed);
+        let failures = self.failed();
+        if first {
+            tracing::warn!(
+                worker = self.worker,
+                failures,
+                "backend refused a request's connection"
+            );
+            let mut record = self.lock();
+            record.last_error = Some("connection refused (request)".into());
+        }
+        self.wake.notify_one();
+    }
+
+    /// The supervised process behind this backend exited: down at once.
+    pub fn mark_exited(&self, why: String) {
+        self.failures_seen.fetch_add(1, Ordering::SeqCst);
+        self.refusing.store(true, Ordering::Relaxed);
+        self.consecutive_failures
+            .fetch_max(FAILURES_TO_DOWN, Ordering::Relaxed);
+        self.set_verdict(false);
+        let mut record = self.lock();
+        record.latency_ms = None;
+        record.last_error = Some(why);
+        drop(record);
+        self.wake.notify_one();
+    }
+
+    /// Whether the probe may relax to its full interval: up, and nothing failed since.
+    fn settled(&self) -> bool {
+        self.is_usable() && self.consecutive_failures() == 0
+    }
+
     /// The `backend` object of the health document.
     pub fn report(&self, backend_url: &str) -> serde_json::Value {
-        let record = self
-            .record
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let record = self.lock().clone();
         let last_checked = record
             .last_checked
             .map(|t| humantime::format_rfc3339_millis(t).to_string());
@@ -112,7 +255,7 @@ impl BackendHealth {
             "reachable": self.is_reachable(),
             "latency_ms": record.latency_ms,
             "last_checked": last_checked,
-            "consecutive_failures": record.consecutive_failures,
+            "consecutive_failures": self.consecutive_failures(),
             "last_error": record.last_error,
         })
     }
@@ -185,23 +328,51 @@ impl BackendProbe {
         }
     }
 
-    /// Probes on the interval, folding each outcome into `health`, until `stop`.
+    /// Probes at once, then on the pace [`next_probe_delay`] sets, folding each outcome into
+    /// `health`, until `stop`. A wake (a refused request, a worker's exit) probes early.
     pub async fn watch(
         self,
         health: std::sync::Arc<BackendHealth>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quick = None;
         loop {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                outcome = self.probe_once() => outcome,
+            };
+            health.record(outcome);
+            let probed = Instant::now();
+            let delay = next_probe_delay(health.settled(), &mut quick, self.interval);
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep(delay) => {}
+                _ = health.wake.notified() => {
+                    // Look again soon, from the quick pace.
+                    quick = None;
+                    tokio::time::sleep_until(probed + WAKE_SPACING).await;
+                }
             }
-            let outcome = self.probe_once().await;
-            health.record(outcome);
         }
     }
+}
+
+/// How long until the next probe: the full `interval` while the backend is settled; else
+/// 0.5 s, doubling on each probe that still finds it unsettled, up to `interval`.
+pub fn next_probe_delay(
+    settled: bool,
+    quick: &mut Option<Duration>,
+    interval: Duration,
+) -> Duration {
+    if settled {
+        *quick = None;
+        return interval;
+    }
+    let delay = quick
+        .map_or(QUICK_PROBE, |d| d.saturating_mul(2))
+        .min(interval);
+    *quick = Some(delay);
+    delay
 }
 
 #[cfg(test)]
@@ -233,5 +404,63 @@ mod tests {
         assert_eq!(report["latency_ms"], 1.5);
         assert!(report["last_checked"].is_string());
         assert_eq!(report["url"], "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn real_answers_and_refusals_feed_the_verdict() {
+        let health = BackendHealth::default();
+        health.passive_success(health.epoch());
+        assert!(health.is_reachable(), "an answer proves it is there");
+        health.passive_refused();
+        assert!(health.is_reachable(), "one refusal is not down");
+        assert!(!health.is_usable(), "but routing avoids it at once");
+        health.passive_refused();
+        health.passive_refused();
+        assert!(!health.is_reachable(), "three refusals in a row are down");
+        let sent = health.epoch() - 1;
+        health.passive_success(sent);
+        assert!(
+            !health.is_reachable(),
+            "an answer to a request sent before the last failure proves nothing"
+        );
+        health.passive_success(health.epoch());
+        assert!(health.is_usable());
+        assert_eq!(health.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn an_exited_worker_is_down_at_once() {
+        let health = BackendHealth::default();
+        health.record(Ok(Duration::from_millis(1)));
+        health.mark_exited("exited with status 9".into());
+        assert!(!health.is_reachable());
+        assert_eq!(
+            health.report("x")["last_error"],
+            "exited with status 9",
+            "the report says why"
+        );
+    }
+
+    #[test]
+    fn probes_are_quick_while_unsettled_and_back_off_to_the_interval() {
+        let interval = Duration::from_secs(5);
+        let mut quick = None;
+        let delays: Vec<_> = (0..5)
+            .map(|_| next_probe_delay(false, &mut quick, interval))
+            .collect();
+        assert_eq!(
+            delays,
+            [0.5, 1.0, 2.0, 4.0, 5.0].map(Duration::from_secs_f64),
+            "quick, then backing off to the interval"
+        );
+        assert_eq!(next_probe_delay(true, &mut quick, interval), interval);
+        assert_eq!(
+            next_probe_delay(false, &mut quick, interval),
+            QUICK_PROBE,
+            "quick again after it settled once"
+        );
+        let mut quick = None;
+        let short = Duration::from_millis(200);
+        assert_eq!(next_probe_delay(false, &mut quick, short), short);
     }
 }

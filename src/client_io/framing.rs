@@ -53,6 +53,9 @@ pub struct FramingCheck {
     partial: Vec<u8>,
     max_head_bytes: usize,
     max_headers: usize,
+    /// Heads parsed, for the test that trickling a head costs linear time.
+    #[cfg(test)]
+    parses: std::cell::Cell<usize>,
 }
 
 /// Header slots on the stack; a configuration allowing more uses the heap.
@@ -65,6 +68,8 @@ impl FramingCheck {
             partial: Vec::new(),
             max_head_bytes,
             max_headers,
+            #[cfg(test)]
+            parses: std::cell::Cell::new(0),
         }
     }
 
@@ -121,6 +126,16 @@ impl FramingCheck {
         let room = (self.max_head_bytes + 1).saturating_sub(before);
         let take = room.min(bytes.len());
         self.partial.extend_from_slice(&bytes[..take]);
+        // Parse again only once the head can have ended: a head trickled in byte by byte
+        // must cost linear time, not a parse of everything so far per byte. hyper tests the
+        // same way (the new bytes and the 3 before them, for `\n\n` or `\n\r\n`), so both
+        // still agree on where the head ends.
+        if !may_end_head(&self.partial[before.saturating_sub(3)..]) {
+            if self.partial.len() > self.max_head_bytes {
+                return (take, Outcome::Lost);
+            }
+            return (take, Outcome::Continue);
+        }
         let partial = std::mem::take(&mut self.partial);
         let result = match self.parse(&partial) {
             Parsed::Complete(len, framing) => (len - before, self.after_head(framing)),
@@ -162,6 +177,8 @@ impl FramingCheck {
     }
 
     fn parse(&self, buf: &[u8]) -> Parsed {
+        #[cfg(test)]
+        self.parses.set(self.parses.get() + 1);
         if self.max_headers <= STACK_HEADERS {
             let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
             parse_head(buf, &mut slots[..self.max_headers], self.max_head_bytes)
@@ -171,6 +188,11 @@ impl FramingCheck {
             parse_head(buf, &mut slots, self.max_head_bytes)
         }
     }
+}
+
+/// Whether `bytes` hold the end of a request head (an empty line: `\n\n` or `\n\r\n`).
+fn may_end_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +295,31 @@ mod tests {
             assert_eq!(outcome, whole, "in pieces of {step}");
         }
         whole
+    }
+
+    #[test]
+    fn a_head_trickled_byte_by_byte_is_parsed_a_bounded_number_of_times() {
+        // 60 KiB of headers, one byte per read: parsing all that was gathered on every read
+        // would be quadratic (seconds of CPU per connection, before any authentication).
+        let mut head = String::from("POST / HTTP/1.1\r\nHost: x\r\n");
+        while head.len() < 60 * 1024 {
+            head.push_str("X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        head.push_str("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let mut c = FramingCheck::new(64 * 1024, 2000);
+        let mut outcome = Outcome::Continue;
+        for byte in head.as_bytes() {
+            outcome = c.inspect(std::slice::from_ref(byte));
+            if outcome != Outcome::Continue {
+                break;
+            }
+        }
+        assert_eq!(outcome, Outcome::Conflict);
+        assert!(
+            c.parses.get() <= 3,
+            "{} parses for one head",
+            c.parses.get()
+        );
     }
 
     #[test]

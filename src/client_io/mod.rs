@@ -33,9 +33,12 @@ pub struct ConnectionWatch {
     /// A request head had both lengths, or the check could not follow the stream: a
     /// chunked request on this connection is refused (fail closed).
     refuse_chunked: AtomicBool,
-    /// The connection became a WebSocket (101): no more HTTP heads to check, and the
-    /// relay keeps its own timers, so the write watchdog stands down.
+    /// The service answered 101: no more HTTP heads to check.
     upgraded: AtomicBool,
+    /// The relay holds the socket (hyper wrote the 101 and let go of it): the relay keeps
+    /// its own timers, so the write watchdog stands down. Not before: a client that does not
+    /// read the 101 itself must still be cut.
+    handed_over: AtomicBool,
     /// The write watchdog cut the connection.
     stalled: AtomicBool,
 }
@@ -51,6 +54,15 @@ impl ConnectionWatch {
 
     fn is_upgraded(&self) -> bool {
         self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// The WebSocket relay has the socket: from here on it watches the client itself.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Relaxed);
+    }
+
+    fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Relaxed)
     }
 
     pub fn was_stalled(&self) -> bool {
@@ -95,7 +107,7 @@ impl<T> ClientIo<T> {
     /// The write could not go through: wait for room, but no longer than `stall_timeout`
     /// since the wait began.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.watch.is_upgraded() {
+        if self.watch.is_handed_over() {
             return Poll::Pending;
         }
         let deadline = *self.blocked_since.get_or_insert_with(Instant::now) + self.stall_timeout;
@@ -233,13 +245,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn after_an_upgrade_the_watchdog_stands_down() {
+    async fn once_the_relay_holds_the_socket_the_watchdog_stands_down() {
+        let (ours, _client) = tokio::io::duplex(16);
+        let (mut io, watch) = wrap(ours, Duration::from_secs(5));
+        watch.set_upgraded();
+        watch.hand_over();
+        let write = tokio::time::timeout(Duration::from_secs(60), io.write_all(&[0u8; 64]));
+        assert!(write.await.is_err(), "still waiting after 60 s, not cut");
+        assert!(!watch.was_stalled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_its_101_is_still_cut() {
+        // The service answered 101, but hyper cannot write it: the relay does not hold the
+        // socket yet, so nothing else would ever time this client out.
         let (ours, _client) = tokio::io::duplex(16);
         let (mut io, watch) = wrap(ours, Duration::from_secs(5));
         watch.set_upgraded();
         let write = tokio::time::timeout(Duration::from_secs(60), io.write_all(&[0u8; 64]));
-        assert!(write.await.is_err(), "still waiting after 60 s, not cut");
-        assert!(!watch.was_stalled());
+        let result = write.await.expect("cut before 60 s");
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(watch.was_stalled());
     }
 
     #[tokio::test]

@@ -9,7 +9,8 @@ use super::values::{Line, Problems, duration_line, invalid, positive_seconds, se
 
 #[derive(Debug, Clone, Args)]
 pub struct BackendSettings {
-    /// Backend base URL (http:// or https://).
+    /// Backend base URL (http:// or https://); a comma-separated list for several workers
+    /// started elsewhere, each visitor kept on one of them.
     #[arg(
         long,
         env = "CHATGATE_BACKEND",
@@ -81,7 +82,11 @@ impl BackendUrl {
 
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
+    /// The backend (the first of `--backend`'s list). Each worker has a copy of this config
+    /// with its own URL here.
     pub url: BackendUrl,
+    /// Every URL of `--backend`, in order (one, unless several workers run elsewhere).
+    pub urls: Vec<BackendUrl>,
     /// `--backend-host`: the Host sent to the backend instead of the client's.
     pub host_override: Option<HeaderValue>,
     pub connect_timeout: Duration,
@@ -94,7 +99,7 @@ pub struct BackendConfig {
 
 impl BackendConfig {
     pub(super) fn validate(s: &BackendSettings, p: &mut Problems) -> Option<BackendConfig> {
-        let url = p.check(parse_backend(&s.backend));
+        let urls = p.check(parse_backend_list(&s.backend));
         let host_override = p.check(
             s.backend_host
                 .as_deref()
@@ -115,8 +120,10 @@ impl BackendConfig {
         let pool_idle_timeout =
             p.check(positive_seconds("pool-idle-timeout", &s.pool_idle_timeout));
         let wait = p.check(seconds("backend-wait", &s.backend_wait));
+        let urls = urls?;
         Some(BackendConfig {
-            url: url?,
+            url: urls[0].clone(),
+            urls,
             host_override: host_override?,
             connect_timeout: connect_timeout?,
             response_timeout: response_timeout?,
@@ -127,8 +134,9 @@ impl BackendConfig {
     }
 
     pub(super) fn describe(&self, lines: &mut Vec<Line>) {
+        let urls: Vec<&str> = self.urls.iter().map(|u| u.display.as_str()).collect();
         lines.extend([
-            ("backend", self.url.display.clone()),
+            ("backend", urls.join(",")),
             (
                 "backend_host",
                 self.host_override
@@ -147,6 +155,41 @@ impl BackendConfig {
             ),
         ]);
     }
+}
+
+/// Parses `--backend`: one URL, or several separated by commas (never empty, no duplicate).
+pub fn parse_backend_list(value: &str) -> Result<Vec<BackendUrl>, super::ConfigError> {
+    let mut urls: Vec<BackendUrl> = Vec::new();
+    for item in value.split(',') {
+        if item.trim().is_empty() {
+            return Err(invalid(
+                "backend",
+                &value
+                    .split(',')
+                    .map(redact_userinfo)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                "empty entry in the list",
+            ));
+        }
+        let url = parse_backend(item)?;
+        if urls.iter().any(|u| u.display == url.display) {
+            return Err(invalid(
+                "backend",
+                &url.display,
+                "listed twice: each worker once",
+            ));
+        }
+        urls.push(url);
+    }
+    if urls.len() > super::workers::MAX_WORKERS {
+        return Err(invalid(
+            "backend",
+            &format!("({} URLs)", urls.len()),
+            format!("at most {} workers", super::workers::MAX_WORKERS),
+        ));
+    }
+    Ok(urls)
 }
 
 /// Parses the backend URL: http or https, a host, no path beyond `/`, no query. Errors

@@ -9,6 +9,7 @@
 //! Parsing takes the environment as a lookup function, so tests pass a map instead of
 //! mutating the process environment (which races between tests and is `unsafe` in 2024).
 
+mod asset_cache;
 mod backend;
 mod chat;
 mod health;
@@ -18,11 +19,13 @@ mod server;
 mod shutdown;
 mod values;
 mod websocket;
+mod workers;
 
 use std::ffi::OsString;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+pub use asset_cache::{AssetCacheConfig, AssetCacheSettings};
 pub use backend::{BackendConfig, BackendSettings, BackendUrl, parse_backend};
 pub use chat::{ChatConfig, ChatSettings};
 pub use health::{HealthConfig, HealthSettings};
@@ -34,6 +37,10 @@ pub use server::{LogFormat, ServerConfig, ServerSettings};
 pub use shutdown::{ShutdownConfig, ShutdownSettings};
 pub use values::{ConfigError, ConfigErrors};
 pub use websocket::{WebSocketConfig, WebSocketSettings};
+pub use workers::{
+    AffinityConfig, MAX_WORKERS, SameSite, SupervisedConfig, WorkersConfig, WorkersSettings,
+    available_cpus,
+};
 
 use values::Problems;
 
@@ -79,6 +86,10 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     #[command(flatten)]
     pub chat: ChatSettings,
+    #[command(flatten)]
+    pub asset_cache: AssetCacheSettings,
+    #[command(flatten)]
+    pub workers: WorkersSettings,
 }
 
 impl Cli {
@@ -117,6 +128,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub shutdown: ShutdownConfig,
     pub chat: ChatConfig,
+    pub asset_cache: AssetCacheConfig,
+    pub workers: WorkersConfig,
 }
 
 impl Config {
@@ -130,9 +143,32 @@ impl Config {
         let websocket = WebSocketConfig::validate(&s.websocket, &mut problems);
         let limits = LimitsConfig::validate(&s.limits, &mut problems);
         let shutdown = ShutdownConfig::validate(&s.shutdown, &mut problems);
+        let asset_cache = AssetCacheConfig::validate(&s.asset_cache, &mut problems);
+        let workers = WorkersConfig::validate(&s.workers, &mut problems);
+        if let (Some(backend), Some(workers)) = (&backend, &workers) {
+            if workers.supervised.is_some() && backend.urls.len() > 1 {
+                problems.check::<()>(Err(ConfigError {
+                    flag: "--workers".into(),
+                    env: "CHATGATE_WORKERS".into(),
+                    value: s.workers.workers.clone(),
+                    reason: "chatgate starts the workers itself (a command after `--`), so \
+                             --backend / CHATGATE_BACKEND must be one URL, not a list"
+                        .into(),
+                }));
+            }
+        }
         let chat = ChatConfig::validate(&s.chat, &mut problems);
         match (
-            server, backend, routes, health, websocket, limits, shutdown, chat,
+            server,
+            backend,
+            routes,
+            health,
+            websocket,
+            limits,
+            shutdown,
+            asset_cache,
+            workers,
+            chat,
         ) {
             (
                 Some(server),
@@ -142,6 +178,8 @@ impl Config {
                 Some(websocket),
                 Some(limits),
                 Some(shutdown),
+                Some(asset_cache),
+                Some(workers),
                 Some(chat),
             ) if problems.is_empty() => Ok(Config {
                 server,
@@ -151,10 +189,27 @@ impl Config {
                 websocket,
                 limits,
                 shutdown,
+                asset_cache,
+                workers,
                 chat,
             }),
             _ => Err(problems.into_errors()),
         }
+    }
+
+    /// Every worker's URL, in index order: the supervised workers on `--backend`'s host at
+    /// `--worker-port-base + i`, or `--backend`'s list.
+    pub fn worker_urls(&self) -> Vec<BackendUrl> {
+        let Some(supervised) = &self.workers.supervised else {
+            return self.backend.urls.clone();
+        };
+        let url = &self.backend.url;
+        (0..supervised.count)
+            .filter_map(|i| {
+                let port = supervised.port(i);
+                parse_backend(&format!("{}://{}:{port}", url.scheme, url.authority.host())).ok()
+            })
+            .collect()
     }
 
     /// The effective configuration as `key = value` lines for `check-config`. The backend is
@@ -168,6 +223,8 @@ impl Config {
         self.websocket.describe(&mut lines);
         self.limits.describe(&mut lines);
         self.shutdown.describe(&mut lines);
+        self.asset_cache.describe(&mut lines);
+        self.workers.describe(&mut lines);
         self.chat.describe(&mut lines);
         lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }
@@ -271,6 +328,86 @@ mod tests {
             ),
             (&["--admin-listen", "9100"], &[], "CHATGATE_ADMIN_LISTEN"),
             (&["--max-body-bytes", "1G"], &[], "CHATGATE_MAX_BODY_BYTES"),
+            (
+                &["--asset-cache-bytes", "64M"],
+                &[],
+                "CHATGATE_ASSET_CACHE_BYTES",
+            ),
+            (
+                &["--asset-cache-max-file", "0"],
+                &[],
+                "CHATGATE_ASSET_CACHE_MAX_FILE",
+            ),
+            (
+                &["--asset-cache-paths", "/assets/,static"],
+                &[],
+                "CHATGATE_ASSET_CACHE_PATHS",
+            ),
+            (
+                &[],
+                &[("CHATGATE_ASSET_CACHE_PATHS", "/a%2Fb/")],
+                "CHATGATE_ASSET_CACHE_PATHS",
+            ),
+            (
+                &["--asset-cache-revalidate", "0"],
+                &[],
+                "CHATGATE_ASSET_CACHE_REVALIDATE",
+            ),
+            (&["--workers", "0"], &[], "CHATGATE_WORKERS"),
+            (&["--workers", "lots"], &[], "CHATGATE_WORKERS"),
+            (&["--workers", "2"], &[], "CHATGATE_WORKERS"),
+            (&["--workers", "2", "--", "x"], &[], "CHATGATE_WORKERS"),
+            (
+                &[
+                    "--workers",
+                    "2",
+                    "--backend",
+                    "http://a:1,http://b:2",
+                    "--",
+                    "x",
+                    "{port}",
+                ],
+                &[],
+                "CHATGATE_BACKEND",
+            ),
+            (
+                &[
+                    "--workers",
+                    "3",
+                    "--worker-port-base",
+                    "65534",
+                    "--",
+                    "x",
+                    "{port}",
+                ],
+                &[],
+                "CHATGATE_WORKER_PORT_BASE",
+            ),
+            (
+                &["--backend", "http://a:1,,http://b:2"],
+                &[],
+                "CHATGATE_BACKEND",
+            ),
+            (
+                &["--backend", "http://a:1,http://a:1"],
+                &[],
+                "CHATGATE_BACKEND",
+            ),
+            (
+                &["--affinity-samesite", "maybe"],
+                &[],
+                "CHATGATE_AFFINITY_SAMESITE",
+            ),
+            (
+                &["--affinity-cookie", "a b"],
+                &[],
+                "CHATGATE_AFFINITY_COOKIE",
+            ),
+            (
+                &["--worker-stop-timeout", "0"],
+                &[],
+                "CHATGATE_WORKER_STOP_TIMEOUT",
+            ),
         ];
         for (args, env, expected) in cases {
             let err = config(args, env).unwrap_err();
@@ -302,6 +439,27 @@ mod tests {
         ] {
             assert!(err.contains(name), "{name}: {err}");
         }
+    }
+
+    #[test]
+    fn asset_cache_defaults_and_off_switch() {
+        let c = config(&[], &[]).unwrap();
+        assert!(c.asset_cache.is_enabled());
+        assert_eq!(c.asset_cache.max_bytes, 64 << 20);
+        assert_eq!(c.asset_cache.max_file, 16 << 20);
+        assert_eq!(c.asset_cache.paths, ["/assets/"]);
+        assert_eq!(c.asset_cache.revalidate, Duration::from_secs(60));
+        let off = config(&["--asset-cache-bytes", "0"], &[]).unwrap();
+        assert!(!off.asset_cache.is_enabled());
+        assert!(off.describe().contains("asset_cache_bytes = 0 (off)"));
+        let two = config(
+            &[],
+            &[("CHATGATE_ASSET_CACHE_PATHS", " /assets/, /public/ ")],
+        )
+        .unwrap();
+        assert_eq!(two.asset_cache.paths, ["/assets/", "/public/"]);
+        let none = config(&["--asset-cache-paths", ""], &[]).unwrap();
+        assert!(!none.asset_cache.is_enabled());
     }
 
     #[test]
@@ -338,6 +496,50 @@ mod tests {
                 assert!(keys.contains(&key.as_str()), "{key} missing: {text}");
             }
         }
+    }
+
+    #[test]
+    fn workers_take_a_command_with_a_port_each() {
+        let c = config(
+            &[
+                "--workers",
+                "2",
+                "--worker-port-base",
+                "9001",
+                "--",
+                "chainlit",
+                "run",
+                "app.py",
+                "--port={port}",
+            ],
+            &[],
+        )
+        .unwrap();
+        let supervised = c.workers.supervised.as_ref().unwrap();
+        assert_eq!(supervised.count, 2);
+        assert_eq!(
+            supervised.command_for(1),
+            ["chainlit", "run", "app.py", "--port=9002"]
+        );
+        let urls: Vec<String> = c.worker_urls().into_iter().map(|u| u.display).collect();
+        assert_eq!(urls, ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]);
+        let auto = config(&["--workers", "auto", "--", "x", "{port}"], &[]).unwrap();
+        assert_eq!(
+            auto.workers.supervised.unwrap().count,
+            available_cpus().min(MAX_WORKERS)
+        );
+    }
+
+    #[test]
+    fn one_worker_and_no_command_is_todays_single_backend() {
+        let c = config(&[], &[]).unwrap();
+        assert!(c.workers.supervised.is_none());
+        assert_eq!(c.worker_urls().len(), 1);
+        let listed = config(&[], &[("CHATGATE_BACKEND", "http://a:1, http://b:2")]).unwrap();
+        assert_eq!(listed.worker_urls().len(), 2);
+        assert_eq!(listed.backend.url.display, "http://a:1");
+        assert_eq!(listed.workers.affinity.cookie, "chatgate_worker");
+        assert_eq!(listed.workers.affinity.same_site, SameSite::Lax);
     }
 
     #[test]

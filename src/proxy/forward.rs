@@ -1,6 +1,7 @@
 //! The streaming HTTP forwarder: one client request to the backend and its response back,
 //! bodies streamed frame by frame both ways, no redirect followed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -11,8 +12,11 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::backend::affinity::{query_param, unknown_session};
 use crate::backend::client::{is_refused, proxy_error};
+use crate::backend::pool::{Pin, ResponseTap, Target, Worker};
 use crate::body::{BodyError, ProxyBody, RequestBody, Watched};
+use crate::config::BackendUrl;
 use crate::error::ProxyError;
 use crate::proxy::RequestContext;
 use crate::proxy::headers::{backend_request_head, strip_hop_by_hop};
@@ -33,12 +37,18 @@ fn is_retryable(method: &Method, body: &RequestBody) -> bool {
         )
 }
 
-/// Forwards `req` to the backend and returns its response with a streamed body.
+/// Forwards `req` to its worker and returns the response with a streamed body.
+///
+/// A bodyless idempotent request whose worker refuses the connection goes to another
+/// worker (and its client is re-pointed there); one that belongs to an Engine.IO session of
+/// that worker gets Engine.IO's "unknown session" answer, which makes the client reconnect.
 pub async fn forward(
     gw: &Gateway,
     req: Request<Incoming>,
     ctx: &RequestContext,
     path_and_query: Option<PathAndQuery>,
+    target: Target,
+    secure: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
     let declared = incoming.size_hint().exact().unwrap_or(0);
@@ -46,7 +56,13 @@ pub async fn forward(
     if declared > max_body {
         return Err(ProxyError::PayloadTooLarge(max_body));
     }
-    backend_request_head(&mut parts, ctx, &gw.config.backend, path_and_query)?;
+    let Target {
+        mut worker,
+        pin,
+        mut set_cookie,
+        learn_sid,
+    } = target;
+    backend_request_head(&mut parts, ctx, &worker.backend, path_and_query)?;
     let idle = gw.config.backend.body_idle_timeout;
     let (body, body_sent) = if incoming.is_end_stream() {
         (RequestBody::Empty, None)
@@ -65,27 +81,64 @@ pub async fn forward(
         copy
     });
     let deadline = gw.config.backend.wait.map(|wait| Instant::now() + wait);
+    let several = gw.workers.several();
+    // With several workers, the request counts towards its worker's load until its
+    // response body is done.
+    let mut load = several.then(|| worker.hold_request());
 
+    let mut epoch = worker.health.epoch();
     let mut result = send(gw, Request::from_parts(parts, body), body_sent).await;
-    if let Some(head) = retry_head {
-        let mut retried = false;
-        loop {
-            match &result {
-                // --backend-wait: hold the request while the backend starts.
-                Err(e) if is_refused_send(e) => match deadline {
-                    Some(deadline) if wait_for_backend(gw, deadline).await => {}
-                    _ => break,
-                },
-                Err(e) if !retried && !e.is_connect() => {
-                    retried = true;
-                    tracing::debug!(error = %e, "retrying on a fresh connection");
-                }
-                _ => break,
+    let mut retried = false;
+    loop {
+        let refused = matches!(&result, Err(e) if is_refused_send(e));
+        if refused {
+            worker.health.passive_refused();
+            if pin == Pin::Session {
+                let sid = query_param(ctx.uri.query(), "sid").unwrap_or_default();
+                gw.workers.sessions.forget(sid);
+                return Ok(unknown_session(sid));
             }
-            result = send(gw, resend(&head), None).await;
         }
+        let Some(head) = retry_head.as_ref() else {
+            break;
+        };
+        match &result {
+            Err(_) if refused => {
+                if let Some(other) = gw.workers.fallback(&worker) {
+                    tracing::debug!(
+                        from = worker.index,
+                        to = other.index,
+                        "worker refused: trying another"
+                    );
+                    worker = Arc::clone(other);
+                    set_cookie = true;
+                    load = Some(worker.hold_request());
+                } else {
+                    // --backend-wait: hold the request while a worker starts.
+                    match deadline {
+                        Some(deadline) if wait_for_backend(&worker, deadline).await => {}
+                        _ => break,
+                    }
+                    let next = gw.workers.least_loaded(None);
+                    if next.index != worker.index {
+                        worker = Arc::clone(next);
+                        set_cookie = true;
+                        load = several.then(|| worker.hold_request());
+                    }
+                }
+            }
+            Err(e) if !retried && !e.is_connect() => {
+                retried = true;
+                tracing::debug!(error = %e, "retrying on a fresh connection");
+            }
+            _ => break,
+        }
+        epoch = worker.health.epoch();
+        result = send(gw, resend(head, &worker.backend.url), None).await;
     }
     let response = result.map_err(classify_send)?;
+    // Whatever it answered, the backend is there.
+    worker.health.passive_success(epoch);
     let (mut parts, incoming) = response.into_parts();
     // An HTTP/1.0 backend must not make the client's connection HTTP/1.0 (and closed).
     parts.version = http::Version::HTTP_11;
@@ -97,23 +150,52 @@ pub async fn forward(
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
         }
     }
+    let body = Watched::new(incoming, idle);
+    if !several {
+        return Ok(Response::from_parts(parts, ProxyBody::stream(body)));
+    }
+    if set_cookie {
+        parts
+            .headers
+            .append(header::SET_COOKIE, worker.set_cookie(secure));
+    }
+    // The open packet is never compressed (too small); anything else is not a handshake.
+    let sniff = learn_sid
+        && parts.status == http::StatusCode::OK
+        && !parts.headers.contains_key(header::CONTENT_ENCODING);
+    let tap = ResponseTap::new(
+        load,
+        sniff.then(|| (Arc::clone(&gw.workers), Arc::clone(&worker))),
+    );
     Ok(Response::from_parts(
         parts,
-        ProxyBody::stream(Watched::new(incoming, idle)),
+        ProxyBody::tapped(body, Box::new(tap)),
     ))
 }
 
-fn resend(head: &Request<()>) -> Request<RequestBody> {
+/// `head` again, for the worker at `url`.
+fn resend(head: &Request<()>, url: &BackendUrl) -> Request<RequestBody> {
     let mut req = Request::new(RequestBody::Empty);
     *req.method_mut() = head.method().clone();
-    *req.uri_mut() = head.uri().clone();
+    *req.uri_mut() = retarget(head.uri(), url);
     *req.headers_mut() = head.headers().clone();
     req
 }
 
-/// Waits until the probe says the backend is up, or `deadline`; true if it came up.
-async fn wait_for_backend(gw: &Gateway, deadline: Instant) -> bool {
-    let mut up = gw.health.subscribe();
+/// `uri` with the scheme and authority of `url` (a no-op when it already has them).
+fn retarget(uri: &http::Uri, url: &BackendUrl) -> http::Uri {
+    if uri.authority() == Some(&url.authority) {
+        return uri.clone();
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.scheme = Some(url.scheme.clone());
+    parts.authority = Some(url.authority.clone());
+    http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// Waits until the probe says `worker` is up, or `deadline`; true if there is time left.
+async fn wait_for_backend(worker: &Worker, deadline: Instant) -> bool {
+    let mut up = worker.health.subscribe();
     // Re-check often even without a probe verdict: the backend may be up before the probe.
     // A verdict that is still "up" (the probe has not noticed a restart yet) must not turn
     // this into a busy loop of refused connects: then just wait out the interval.
@@ -231,6 +313,20 @@ mod tests {
         assert_eq!(guess_content_type("/project/settings"), None);
         assert_eq!(guess_content_type("/"), None);
         assert_eq!(guess_content_type("/a.b/c"), None);
+    }
+
+    #[test]
+    fn a_resent_request_goes_to_its_new_worker() {
+        let url = crate::config::parse_backend("http://127.0.0.1:8082").unwrap();
+        let uri: http::Uri = "http://127.0.0.1:8081/ws/socket.io/?EIO=4&t=x"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            retarget(&uri, &url).to_string(),
+            "http://127.0.0.1:8082/ws/socket.io/?EIO=4&t=x"
+        );
+        let same: http::Uri = "http://127.0.0.1:8082/".parse().unwrap();
+        assert_eq!(retarget(&same, &url), same);
     }
 
     #[test]

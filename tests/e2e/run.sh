@@ -23,6 +23,8 @@
 #   E2E_ALLOWED_ORIGINS   chatgate's --allowed-origins [its own origin]; "" = any
 #   E2E_IDLE_SECONDS      idle period of the heartbeat test [30]
 #   E2E_APT=always        run apt-get update/install even if nothing is missing
+#   E2E_NO_WORKERS=1      skip the several-workers part (two supervised Chainlit
+#                         workers, then two Chainlits behind --backend a,b)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -39,6 +41,8 @@ RESULTS="$STATE/results.txt"
 chatgate_pid=""
 idle_pid=""
 chat_gate_pid=""
+workers_gate_pid=""
+external_states=()
 
 say() { printf 'e2e: %s\n' "$*" >&2; }
 
@@ -71,7 +75,13 @@ cleanup() {
     stop_pid "$idle_pid" "idle test" 2
     stop_pid "${chat_gate_pid:-}" "rate-limited chatgate" 10
     stop_pid "$chatgate_pid" chatgate 10
+    # chatgate stops the workers it supervises after its own drain.
+    stop_pid "$workers_gate_pid" "chatgate (workers)" 30
     [ -f "$STATE/backend.env" ] && E2E_STATE="$STATE" "$HERE/backend.sh" stop 2>>"$STATE/backend.log"
+    local state
+    for state in "${external_states[@]}"; do
+        E2E_STATE="$state" "$HERE/backend.sh" stop 2>>"$state/backend.log"
+    done
 }
 
 summary() {
@@ -110,6 +120,35 @@ record() { # name status outfile
 
 free_port() {
     "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# The first of two consecutive free ports (for --worker-port-base).
+free_port_pair() {
+    "$VENV/bin/python" - <<'EOF'
+import socket
+for _ in range(100):
+    a = socket.socket(); a.bind(("127.0.0.1", 0)); port = a.getsockname()[1]
+    b = socket.socket()
+    try:
+        b.bind(("127.0.0.1", port + 1))
+    except OSError:
+        continue
+    finally:
+        a.close(); b.close()
+    print(port)
+    break
+EOF
+}
+
+# Both workers of the chatgate at $1 reachable (its /monitor/health says so).
+wait_workers_up() { # base-url seconds pid-to-watch
+    local deadline=$((SECONDS + $2))
+    while [ $SECONDS -lt $deadline ]; do
+        curl -s --max-time 2 "$1/monitor/health" | grep -q '"workers_up":2' && return 0
+        [ -n "${3:-}" ] && ! alive "$3" && return 1
+        sleep 0.3
+    done
+    return 1
 }
 
 wait_http_200() { # url seconds pid-to-watch
@@ -276,7 +315,92 @@ if [ "$DIRECT" != 1 ]; then
     fi
     stop_pid "$chat_gate_pid" "rate-limited chatgate" 10
     chat_gate_pid=""
+# ---------------------------------------------------------------- workers
+# Several Chainlit processes behind one chatgate, each chat kept on its own.
+
+# Supervised: chatgate starts two Chainlit workers from one app directory (each
+# gets its own app root under it: .chatgate/worker-<i>/, its own .files).
+run_supervised_workers() {
+    local app="$STATE/workers-app" port base url pids pid left=()
+    prepare_app_root "$app"
+    ln -sf "$ROOT/examples/chainlit/app.py" "$app/app.py"
+    port=$(free_port) || abort "no free port"
+    base=$(free_port_pair) || abort "no two free ports"
+    url="http://127.0.0.1:$port"
+    "$CHATGATE_BIN" --listen "127.0.0.1:$port" --admin-listen 127.0.0.1:0 --shutdown-grace 5 \
+        --allowed-origins "$url" --health-interval 1 --workers 2 --worker-port-base "$base" \
+        --worker-app-dir "$app" --worker-stop-timeout 10 --log-format json \
+        -- "$VENV/bin/chainlit" run app.py --host 127.0.0.1 --port '{port}' --headless \
+        >"$STATE/chatgate-workers.log" 2>&1 </dev/null &
+    workers_gate_pid=$!
+    wait_workers_up "$url" 90 "$workers_gate_pid" ||
+        abort "the supervised workers did not come up; chatgate's log ends: $(tail -c 600 "$STATE/chatgate-workers.log" | tr '\n' ' ')"
+    say "chatgate (pid $workers_gate_pid) at $url supervising 2 Chainlit workers (ports $base, $((base + 1)))"
+
+    run_tests workers 240 "$VENV/bin/python" "$HERE/workers_test.py" --url "$url" --mode supervised
+    # The last test stopped a worker: chatgate restarts it; the browser test wants both.
+    wait_workers_up "$url" 60 "$workers_gate_pid" || abort "a supervised worker did not come back"
+    E2E_BASE_URL="$url" E2E_OUT="$STATE" run_tests browser_workers 240 node "$HERE/browser_workers.mjs"
+
+    # Every worker chatgate ever started must be gone once chatgate has stopped.
+    pids=$(grep -o '"message":"worker started","worker":[0-9]*,"pid":[0-9]*' "$STATE/chatgate-workers.log" |
+        sed 's/.*"pid"://')
+    stop_pid "$workers_gate_pid" "chatgate (workers)" 30
+    workers_gate_pid=""
+    for pid in $pids; do alive "$pid" && left+=("$pid"); done
+    if [ -z "$pids" ]; then
+        echo "FAIL e2e_workers_stop_with_chatgate: no 'worker started' line in the log" | tee -a "$RESULTS"
+    elif [ ${#left[@]} -gt 0 ]; then
+        echo "FAIL e2e_workers_stop_with_chatgate: still running after chatgate stopped: ${left[*]}" | tee -a "$RESULTS"
+    else
+        echo "PASS e2e_workers_stop_with_chatgate ($(echo "$pids" | wc -w) worker processes over the run, none left)" |
+            tee -a "$RESULTS"
+    fi
+}
+
+# Started elsewhere: two Chainlits this script starts, chatgate --backend a,b.
+run_external_workers() {
+    local i state port url backends=() pids=()
+    for i in 0 1; do
+        state="$STATE/external-$i"
+        mkdir -p "$state"
+        prepare_app_root "$state/approot"
+        port=$(free_port) || abort "no free port"
+        cat >"$state/backend.env" <<EOF
+E2E_VENV='$VENV'
+E2E_APP='$ROOT/examples/chainlit/app.py'
+E2E_APPROOT='$state/approot'
+E2E_BACKEND_PORT='$port'
+EOF
+        external_states+=("$state")
+        E2E_STATE="$state" "$HERE/backend.sh" start 2>>"$state/backend.log" ||
+            abort "external Chainlit $i did not start (see target/e2e/run/external-$i/backend.log)"
+        backends+=("http://127.0.0.1:$port")
+        pids+=(--pid "$(cat "$state/backend.pid")")
+    done
+    port=$(free_port) || abort "no free port"
+    url="http://127.0.0.1:$port"
+    "$CHATGATE_BIN" --listen "127.0.0.1:$port" --admin-listen 127.0.0.1:0 --shutdown-grace 5 \
+        --allowed-origins "$url" --health-interval 1 --backend "$(IFS=,; echo "${backends[*]}")" \
+        >"$STATE/chatgate-external.log" 2>&1 </dev/null &
+    workers_gate_pid=$!
+    wait_workers_up "$url" 60 "$workers_gate_pid" || abort "chatgate --backend a,b did not see both workers"
+    say "chatgate (pid $workers_gate_pid) at $url -> --backend ${backends[*]}"
+    run_tests workers_external 180 "$VENV/bin/python" "$HERE/workers_test.py" --url "$url" \
+        --mode external "${pids[@]}"
+    stop_pid "$workers_gate_pid" "chatgate (external workers)" 15
+    workers_gate_pid=""
+}
+
+if [ "$DIRECT" != 1 ] && [ "${E2E_NO_WORKERS:-}" != 1 ]; then
+    # The single-backend part is done: its Chainlit and chatgate are not needed any more.
+    E2E_STATE="$STATE" "$HERE/backend.sh" stop 2>>"$STATE/backend.log"
+    stop_pid "$chatgate_pid" chatgate 10
+    chatgate_pid=""
+    run_supervised_workers
+    run_external_workers
 fi
 
 say "done in $((SECONDS - started)) s; logs and screenshots in target/e2e/run/"
 summary
+

@@ -48,6 +48,17 @@ pub fn config(backend: SocketAddr, extra: &[&str]) -> Config {
     Config::from_settings(&cli.settings).expect("config validates")
 }
 
+/// Like [`config`], in front of several backends (`--backend` as a list).
+pub fn config_for_workers(backends: &[SocketAddr], extra: &[&str]) -> Config {
+    let list: Vec<String> = backends.iter().map(|a| format!("http://{a}")).collect();
+    let list = list.join(",");
+    let mut args = vec!["chatgate", "--listen", "127.0.0.1:0", "--backend", &list];
+    args.extend_from_slice(&["--health-interval", "0.2", "--log-format", "text"]);
+    args.extend_from_slice(extra);
+    let cli = Cli::parse_with(args, |_| None).expect("flags parse");
+    Config::from_settings(&cli.settings).expect("config validates")
+}
+
 /// chatgate running in this process.
 pub struct Proxy {
     pub addr: SocketAddr,

@@ -14,7 +14,7 @@ pub mod stats;
 use std::sync::Arc;
 
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
+use http::{Request, Response, Uri, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -22,10 +22,13 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::backend::client::connect_stream;
+use crate::backend::affinity::{query_param, unknown_session};
+use crate::backend::client::{LegError, connect_stream};
+use crate::backend::pool::{Pin, Target};
 use crate::body::ProxyBody;
 use crate::chat::ChatRelay;
 use crate::chat::limits::ChatClient;
+use crate::client_io::ConnectionWatch;
 use crate::error::ProxyError;
 use crate::proxy::RequestContext;
 use crate::proxy::headers::backend_request_head;
@@ -48,11 +51,17 @@ pub const READ_BUFFER: usize = 1024;
 pub const WRITE_BUFFER: usize = 8 * 1024;
 
 /// Relays a WebSocket upgrade: backend first, then the client's 101, then messages.
+///
+/// A worker that refuses the connection hands the client to another (re-pointing its
+/// cookie), unless the upgrade belongs to an Engine.IO session of that worker: that gets
+/// Engine.IO's "unknown session" answer, and the client reconnects.
 pub async fn relay(
     gw: &Gateway,
     mut req: Request<Incoming>,
     ctx: &RequestContext,
     path_and_query: Option<PathAndQuery>,
+    target: Target,
+    secure: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client_key = validate_handshake(&req)?;
     if gw.shutdown.is_cancelled() || gw.is_draining() {
@@ -64,8 +73,36 @@ pub async fn relay(
         .try_acquire_owned()
         .map_err(|_| ProxyError::Overloaded)?;
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let client_watch = req.extensions().get::<Arc<ConnectionWatch>>().cloned();
     let (mut parts, _body) = req.into_parts();
-    let backend = &gw.config.backend;
+    let Target {
+        mut worker,
+        pin,
+        mut set_cookie,
+        ..
+    } = target;
+    let mut stream = loop {
+        match connect_stream(&worker.backend, &gw.tls).await {
+            Ok(stream) => break stream,
+            Err(LegError::Refused(e)) => {
+                worker.health.passive_refused();
+                if pin == Pin::Session {
+                    let sid = query_param(ctx.uri.query(), "sid").unwrap_or_default();
+                    gw.workers.sessions.forget(sid);
+                    return Ok(unknown_session(sid));
+                }
+                match gw.workers.fallback(&worker) {
+                    Some(other) => {
+                        worker = Arc::clone(other);
+                        set_cookie = true;
+                    }
+                    None => return Err(LegError::Refused(e).into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let backend = &worker.backend;
     backend_request_head(&mut parts, ctx, backend, path_and_query)?;
     let ws_scheme = if backend.url.is_https() { "wss" } else { "ws" };
     let backend_uri = Uri::builder()
@@ -83,21 +120,34 @@ pub async fn relay(
     let request = backend_handshake_request(backend_uri, parts.headers);
 
     let config = ws_config(gw);
-    let mut stream = connect_stream(backend, &gw.tls).await?;
     let timeout = gw.config.websocket.handshake_timeout;
-    let (backend_headers, leftover) =
-        match tokio::time::timeout(timeout, backend_handshake(&mut stream, &request)).await {
-            Err(_) => return Err(ProxyError::BackendTimeout(timeout)),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(BackendAnswer::Refused(refusal))) => return Ok(*refusal),
-            Ok(Ok(BackendAnswer::Accepted { headers, leftover })) => (headers, leftover),
-        };
+    let cookie = (set_cookie && gw.workers.several()).then(|| worker.set_cookie(secure));
+    let epoch = worker.health.epoch();
+    let answer = tokio::time::timeout(timeout, backend_handshake(&mut stream, &request)).await;
+    if let Ok(Ok(_)) = &answer {
+        // Whatever it answered, the backend is there.
+        worker.health.passive_success(epoch);
+    }
+    let (backend_headers, leftover) = match answer {
+        Err(_) => return Err(ProxyError::BackendTimeout(timeout)),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(BackendAnswer::Refused(mut refusal))) => {
+            if let Some(cookie) = cookie {
+                refusal.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+            return Ok(*refusal);
+        }
+        Ok(Ok(BackendAnswer::Accepted { headers, leftover })) => (headers, leftover),
+    };
     // Built from what was read, so that `read_buffer_size` applies to this leg too
     // (tungstenite's own client handshake would leave its 4 KiB read buffer behind).
     let backend_ws =
         WebSocketStream::from_partially_read(stream, leftover, Role::Client, Some(config)).await;
 
-    let response = switching_protocols(&client_key, &backend_headers);
+    let mut response = switching_protocols(&client_key, &backend_headers);
+    if let Some(cookie) = cookie {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     let settings = RelaySettings {
         ping_interval: gw.config.websocket.ping_interval,
         pong_timeout: gw.config.websocket.pong_timeout,
@@ -113,11 +163,18 @@ pub async fn relay(
         started: Instant::now(),
         stats: RelayStats::default(),
     };
-    let counted = gw.load.websocket_relay();
+    let counted = (gw.load.websocket_relay(), worker.hold_relay());
+    let handshake_timeout = gw.config.websocket.handshake_timeout;
     gw.tasks.spawn(async move {
         let _slot = slot;
-        match on_upgrade.await {
-            Ok(upgraded) => {
+        // hyper hands the socket over once the 101 is written: a client that reads nothing
+        // is cut by the connection's write watchdog meanwhile, and this bounds the wait too.
+        let upgraded = tokio::time::timeout(handshake_timeout, on_upgrade).await;
+        match upgraded {
+            Ok(Ok(upgraded)) => {
+                if let Some(watch) = &client_watch {
+                    watch.hand_over();
+                }
                 let client_ws = WebSocketStream::from_raw_socket(
                     WriteWatch::new(TokioIo::new(upgraded)),
                     Role::Server,
@@ -126,8 +183,11 @@ pub async fn relay(
                 .await;
                 line.stats = pump::pump(client_ws, backend_ws, &settings, &mut chat).await;
             }
-            Err(e) => {
-                line.stats.error = Some(format!("client upgrade failed: {e}"));
+            failed => {
+                line.stats.error = Some(match failed {
+                    Ok(Err(e)) => format!("client upgrade failed: {e}"),
+                    _ => format!("the 101 was not written within {handshake_timeout:?}"),
+                });
                 let mut backend_ws = backend_ws;
                 let _ = tokio::time::timeout(
                     CLOSE_TIMEOUT,

@@ -275,6 +275,12 @@ where
                     return Poll::Ready(Event::WriteStalled);
                 }
                 report(settings, &c2b, &b2c, &mut reported);
+                if c2b.has_next() {
+                    // A message of the client's waits for the backend, so the pump is not
+                    // reading the client and could not see its pongs: a backend that does
+                    // not read must not make the client look dead.
+                    keepalive.client_frame(now);
+                }
                 keepalive_next = match keepalive.tick(now) {
                     Tick::TimedOut => return Poll::Ready(Event::PingTimeout),
                     Tick::WaitUntil(next) => next,
@@ -746,6 +752,53 @@ mod tests {
         assert!(!task.is_finished());
         drop(client);
         assert_eq!(task.await.unwrap().closed_by, "client");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_that_does_not_read_does_not_make_the_client_look_dead() {
+        use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+        let (client_peer, client_leg) = tokio::io::duplex(64 * 1024);
+        // The backend never reads, and its leg holds little: the client's messages back up
+        // until one waits in the pump, which then stops reading the client (backpressure).
+        let (backend_leg, _backend_never_reads) = tokio::io::duplex(256);
+        let small = WebSocketConfig::default()
+            .write_buffer_size(0)
+            .max_write_buffer_size(1024);
+        let client_leg =
+            WebSocketStream::from_raw_socket(WriteWatch::new(client_leg), Role::Server, None).await;
+        let backend_leg =
+            WebSocketStream::from_raw_socket(backend_leg, Role::Client, Some(small)).await;
+        let settings = RelaySettings {
+            ping_interval: INTERVAL,
+            pong_timeout: TIMEOUT,
+            shutdown: CancellationToken::new(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let task = tokio::spawn(async move { pump(client_leg, backend_leg, &settings).await });
+        let mut client = WebSocketStream::from_raw_socket(client_peer, Role::Client, None).await;
+        for _ in 0..8 {
+            client.send(Message::text("x".repeat(600))).await.unwrap();
+        }
+        // The client keeps answering pings (its pongs sit unread behind the backlog) for
+        // three times what a silent client would get.
+        let watched = tokio::time::timeout(3 * (INTERVAL + TIMEOUT), async {
+            loop {
+                match client.next().await {
+                    Some(Ok(Message::Ping(_))) => {
+                        let _ = client.flush().await;
+                    }
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    None | Some(Err(_)) => return None,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            watched.is_err(),
+            "the relay gave up on the client: {watched:?}"
+        );
+        assert!(!task.is_finished());
     }
 
     #[tokio::test(start_paused = true)]
