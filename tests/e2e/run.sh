@@ -315,6 +315,8 @@ if [ "$DIRECT" != 1 ]; then
     fi
     stop_pid "$chat_gate_pid" "rate-limited chatgate" 10
     chat_gate_pid=""
+fi
+
 # ---------------------------------------------------------------- workers
 # Several Chainlit processes behind one chatgate, each chat kept on its own.
 
