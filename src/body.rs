@@ -170,11 +170,22 @@ pub trait BodyTap: Send + Sync {
     fn frame(&mut self, data: &Bytes);
 }
 
+/// Two taps on one body, each seeing every frame.
+impl<A: BodyTap, B: BodyTap> BodyTap for (A, B) {
+    fn frame(&mut self, data: &Bytes) {
+        self.0.frame(data);
+        self.1.frame(data);
+    }
+}
+
 /// Every response chatgate sends. Carries the request's access log, written when the body
 /// is done or dropped (a client that went away still gets its line). `Unpin`, like
 /// everything it holds, so no pin projection is needed.
 pub struct ProxyBody {
     kind: Kind,
+    /// Bytes of chatgate's own sent before the body (chat notices ahead of an Engine.IO
+    /// polling answer).
+    prefix: Option<Bytes>,
     log: Option<AccessLog>,
 }
 
@@ -185,6 +196,7 @@ impl ProxyBody {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
             },
+            prefix: None,
             log: None,
         }
     }
@@ -192,6 +204,7 @@ impl ProxyBody {
     pub fn empty() -> Self {
         ProxyBody {
             kind: Kind::Full { data: None },
+            prefix: None,
             log: None,
         }
     }
@@ -199,6 +212,7 @@ impl ProxyBody {
     pub fn stream(body: Watched) -> Self {
         ProxyBody {
             kind: Kind::Stream { body },
+            prefix: None,
             log: None,
         }
     }
@@ -207,8 +221,15 @@ impl ProxyBody {
     pub fn tapped(body: Watched, tap: Box<dyn BodyTap>) -> Self {
         ProxyBody {
             kind: Kind::Tapped { body, tap },
+            prefix: None,
             log: None,
         }
+    }
+
+    /// Sends `prefix` before the body (the caller adjusts `Content-Length`).
+    pub fn with_prefix(mut self, prefix: Bytes) -> Self {
+        self.prefix = (!prefix.is_empty()).then_some(prefix);
+        self
     }
 
     pub fn set_log(&mut self, mut log: AccessLog) {
@@ -228,6 +249,10 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let (polled, ended) = match &mut this.kind {
+            _ if this.prefix.is_some() => (
+                Poll::Ready(this.prefix.take().map(|d| Ok(Frame::data(d)))),
+                false,
+            ),
             Kind::Full { data } => (Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))), true),
             Kind::Stream { body } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
@@ -259,6 +284,9 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.prefix.is_some() {
+            return false;
+        }
         match &self.kind {
             Kind::Full { data } => data.is_none(),
             Kind::Stream { body } | Kind::Tapped { body, .. } => body.is_end_stream(),
@@ -266,12 +294,23 @@ impl Body for ProxyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
+        let mut hint = match &self.kind {
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Stream { body } | Kind::Tapped { body, .. } => body.size_hint(),
+        };
+        if let Some(prefix) = &self.prefix {
+            let extra = prefix.len() as u64;
+            // Upper first: SizeHint refuses a lower bound above its upper one.
+            let (lower, upper) = (hint.lower() + extra, hint.upper().map(|u| u + extra));
+            hint = SizeHint::new();
+            if let Some(upper) = upper {
+                hint.set_upper(upper);
+            }
+            hint.set_lower(lower);
         }
+        hint
     }
 }
 
@@ -279,7 +318,13 @@ impl Body for ProxyBody {
 /// kind that can be resent on a fresh connection), or the client's stream.
 pub enum RequestBody {
     Empty,
-    Stream { body: Watched },
+    Stream {
+        body: Watched,
+    },
+    /// A small body read whole first (an Engine.IO polling POST the chat reader screened).
+    Full {
+        data: Option<Bytes>,
+    },
 }
 
 impl Body for RequestBody {
@@ -293,6 +338,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Stream { body } => Pin::new(body).poll_frame(cx),
+            RequestBody::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
@@ -300,6 +346,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Empty => true,
             RequestBody::Stream { body } => body.is_end_stream(),
+            RequestBody::Full { data } => data.is_none(),
         }
     }
 
@@ -307,6 +354,9 @@ impl Body for RequestBody {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Stream { body } => body.size_hint(),
+            RequestBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }

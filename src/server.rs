@@ -133,6 +133,7 @@ async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
         gateway.metrics.upkeep();
         gateway.limits.forget_idle_clients();
         gateway.chat.limits.forget_idle_clients();
+        gateway.chat.polling.expire(tokio::time::Instant::now());
     }
 }
 

@@ -119,6 +119,7 @@ impl Gateway {
                 config.chat.max_answers,
             ),
             metrics: Arc::clone(&metrics),
+            polling: Default::default(),
         });
         let connection_slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
         let workers = Workers::new(

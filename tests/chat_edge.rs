@@ -382,3 +382,101 @@ fn metric_names(query: &str) -> Vec<String> {
     }
     names
 }
+
+/// An Engine.IO polling backend: POST bodies are recorded; a GET of session `s1` answers
+/// one whole Chainlit answer (task_start, a token, task_end) in one payload.
+async fn polling_backend() -> (support::Backend, Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::BodyExt;
+    let posts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&posts);
+    let backend = support::Backend::start(support::handler(move |req: http::Request<hyper::body::Incoming>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            if req.uri().path() == "/health" {
+                return support::text(200, "ok");
+            }
+            if req.method() == http::Method::POST {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                seen.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                return support::text(200, "ok");
+            }
+            support::text(
+                200,
+                "42[\"task_start\",{}]\x1e42[\"stream_start\",{\"id\":\"m\"}]\x1e42[\"task_end\",{}]",
+            )
+        }
+    }))
+    .await;
+    (backend, posts)
+}
+
+const POLL: &str = "/ws/socket.io/?EIO=4&transport=polling&sid=s1";
+
+async fn post(proxy: &Proxy, body: &'static str) -> support::Reply {
+    let req = support::request("POST", proxy.addr, POLL)
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(support::full(body))
+        .unwrap();
+    support::send(proxy.addr, req).await.unwrap()
+}
+
+#[tokio::test]
+async fn polling_messages_over_the_rate_become_noops_and_the_notice_comes_with_the_next_poll() {
+    let (backend, posts) = polling_backend().await;
+    let proxy = Proxy::start(backend.addr, &["--chat-rate-limit", "1/minute"]).await;
+    let two = "42[\"client_message\",{\"message\":{\"output\":\"a\"}}]\x1e42[\"client_message\",{\"message\":{\"output\":\"b\"}}]";
+    let posted = post(&proxy, two).await;
+    assert_eq!(posted.status, http::StatusCode::OK);
+    assert_eq!(
+        posted.text(),
+        "ok",
+        "a POST's answer stays as the backend gave it"
+    );
+    let forwarded = posts.lock().unwrap().clone();
+    assert_eq!(
+        forwarded,
+        ["42[\"client_message\",{\"message\":{\"output\":\"a\"}}]\x1e6"],
+        "the second message became a noop"
+    );
+    let answer = get(proxy.addr, POLL).await.unwrap();
+    let text = answer.text();
+    let records: Vec<&str> = text.split('\x1e').collect();
+    assert!(
+        records[0].starts_with("42[\"toast\"") && records[0].contains("too fast"),
+        "{text}"
+    );
+    assert_eq!(
+        records[1], "42[\"task_start\",{}]",
+        "the backend's answer follows whole"
+    );
+    assert_eq!(answer.header("content-length"), text.len().to_string());
+    // Taken once: the next poll carries only the backend's answer.
+    let again = get(proxy.addr, POLL).await.unwrap().text();
+    assert!(again.starts_with("42[\"task_start\""), "{again}");
+    assert_eq!(
+        metric(&proxy, r#"chatgate_chat_refused_total{reason="rate"}"#).await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn polling_answers_are_counted_and_timed() {
+    let (backend, _posts) = polling_backend().await;
+    let proxy = Proxy::start(backend.addr, &[]).await;
+    post(
+        &proxy,
+        "42[\"client_message\",{\"message\":{\"output\":\"a\"}}]",
+    )
+    .await;
+    let _ = get(proxy.addr, POLL).await.unwrap().text();
+    wait_metric(&proxy, "chatgate_chat_answer_duration_seconds_count", 1.0).await;
+    assert_eq!(metric(&proxy, "chatgate_chat_messages_total").await, 1.0);
+    assert_eq!(
+        metric(&proxy, "chatgate_chat_time_to_first_token_seconds_count").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&proxy, "chatgate_chat_answers_in_progress").await,
+        0.0
+    );
+}

@@ -11,11 +11,11 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::config::Rate;
 
-/// Who a chat message is counted against: the browser's affinity cookie when there is one
-/// (several tabs, one user), else the Engine.IO session, else the client address.
+/// Who a chat message is counted against: the Engine.IO session when the request names
+/// one, else the client address (from the trusted-proxy logic). Not the affinity cookie: it
+/// names a worker, which many visitors share.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ChatClient {
-    Cookie(String),
     Session(String),
     Address(IpAddr),
 }
@@ -178,7 +178,7 @@ mod tests {
             "{wait:?}"
         );
         assert!(limits.admit(&client(2), 0).is_ok());
-        assert!(limits.admit(&ChatClient::Cookie("w0.x".into()), 0).is_ok());
+        assert!(limits.admit(&ChatClient::Session("s".into()), 0).is_ok());
     }
 
     #[test]

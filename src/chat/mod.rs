@@ -25,6 +25,8 @@ pub struct Chat {
     pub observe: bool,
     pub limits: ChatLimits,
     pub metrics: Arc<Metrics>,
+    /// Engine.IO polling sessions' chat state, by `sid`.
+    pub polling: polling::PollingChats,
 }
 
 /// What to do with a message from the client.
@@ -177,6 +179,7 @@ mod tests {
             observe: true,
             limits,
             metrics: Arc::new(Metrics::new()),
+            polling: Default::default(),
         });
         ChatRelay::new(chat, ChatClient::Address(IpAddr::from([192, 0, 2, 1])))
     }
@@ -255,6 +258,7 @@ mod tests {
             observe: false,
             limits: ChatLimits::new(None, Some(0), None),
             metrics: Arc::new(Metrics::new()),
+            polling: Default::default(),
         });
         let mut r = ChatRelay::new(chat, ChatClient::Session("s".into()));
         assert_eq!(

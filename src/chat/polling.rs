@@ -117,6 +117,7 @@ impl PollingChats {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.sessions
             .lock()
@@ -210,6 +211,40 @@ impl RecordHeads {
     }
 }
 
+/// Reads the server's records of an Engine.IO polling answer as it streams to the client.
+pub struct PollingTap {
+    chat: Arc<Chat>,
+    sid: String,
+    heads: RecordHeads,
+}
+
+impl PollingTap {
+    pub fn new(chat: Arc<Chat>, sid: String) -> Self {
+        PollingTap {
+            chat,
+            sid,
+            heads: RecordHeads::default(),
+        }
+    }
+}
+
+impl crate::body::BodyTap for PollingTap {
+    fn frame(&mut self, data: &bytes::Bytes) {
+        let (chat, sid) = (&self.chat, self.sid.as_str());
+        self.heads.feed(data, &mut |head| {
+            chat.polling.server_record(chat, sid, head)
+        });
+    }
+}
+
+impl Drop for PollingTap {
+    fn drop(&mut self) {
+        let (chat, sid) = (&self.chat, self.sid.as_str());
+        self.heads
+            .finish(&mut |head| chat.polling.server_record(chat, sid, head));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +257,7 @@ mod tests {
             observe: true,
             limits,
             metrics: Arc::new(Metrics::new()),
+            polling: Default::default(),
         })
     }
 

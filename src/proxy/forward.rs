@@ -12,10 +12,12 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::backend::affinity::{query_param, unknown_session};
+use crate::backend::affinity::{is_sane_sid, query_param, unknown_session};
 use crate::backend::client::{is_refused, proxy_error};
 use crate::backend::pool::{Pin, ResponseTap, Target, Worker};
-use crate::body::{BodyError, ProxyBody, RequestBody, Watched};
+use crate::body::{BodyError, BodyTap, ProxyBody, RequestBody, Watched};
+use crate::chat::limits::ChatClient;
+use crate::chat::polling::{MAX_SCREENED_BODY, PollingTap};
 use crate::config::BackendUrl;
 use crate::error::ProxyError;
 use crate::proxy::RequestContext;
@@ -51,6 +53,8 @@ pub async fn forward(
     secure: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
+    // A polling GET's answer is the server's packets (a POST's is just "ok").
+    let is_get = parts.method == Method::GET;
     let declared = incoming.size_hint().exact().unwrap_or(0);
     let max_body = gw.config.limits.max_body_bytes;
     if declared > max_body {
@@ -64,8 +68,22 @@ pub async fn forward(
     } = target;
     backend_request_head(&mut parts, ctx, &worker.backend, path_and_query)?;
     let idle = gw.config.backend.body_idle_timeout;
+    // An Engine.IO polling request of a known session: the chat reader sees its packets.
+    let chat_sid = gw
+        .chat
+        .observe
+        .then(|| polling_sid(ctx.uri.query()))
+        .flatten();
     let (body, body_sent) = if incoming.is_end_stream() {
         (RequestBody::Empty, None)
+    } else if let Some(sid) = chat_sid.filter(|_| {
+        parts.method == Method::POST && declared > 0 && declared <= MAX_SCREENED_BODY as u64
+    }) {
+        let data = screen_polling_post(gw, sid, incoming, idle, max_body).await?;
+        if let Ok(length) = HeaderValue::try_from(data.len().to_string()) {
+            parts.headers.insert(header::CONTENT_LENGTH, length);
+        }
+        (RequestBody::Full { data: Some(data) }, None)
     } else {
         let (body, sent) =
             Watched::request(incoming, idle, max_body, gw.metrics.request_bytes.clone());
@@ -151,6 +169,31 @@ pub async fn forward(
         }
     }
     let body = Watched::new(incoming, idle);
+    // A polling answer of a chat session: its records are read on the way, and notices
+    // chatgate owes the session (refused messages) go ahead of it.
+    let chat_answer = chat_sid.filter(|_| {
+        is_get
+            && parts.status == http::StatusCode::OK
+            && !parts.headers.contains_key(header::CONTENT_ENCODING)
+    });
+    if let Some(sid) = chat_answer {
+        let chat_tap = PollingTap::new(Arc::clone(&gw.chat), sid.to_owned());
+        let prefix = polling_notices(gw, sid, &mut parts.headers);
+        let tap: Box<dyn BodyTap> = if several {
+            if set_cookie {
+                parts
+                    .headers
+                    .append(header::SET_COOKIE, worker.set_cookie(secure));
+            }
+            Box::new((ResponseTap::new(load, None), chat_tap))
+        } else {
+            Box::new(chat_tap)
+        };
+        return Ok(Response::from_parts(
+            parts,
+            ProxyBody::tapped(body, tap).with_prefix(prefix),
+        ));
+    }
     if !several {
         return Ok(Response::from_parts(parts, ProxyBody::stream(body)));
     }
@@ -171,6 +214,72 @@ pub async fn forward(
         parts,
         ProxyBody::tapped(body, Box::new(tap)),
     ))
+}
+
+/// The session of an Engine.IO v4 polling request (`EIO=4&transport=polling&sid=...`).
+fn polling_sid(query: Option<&str>) -> Option<&str> {
+    let polling = query_param(query, "transport") == Some("polling")
+        && query_param(query, "EIO") == Some("4");
+    polling
+        .then(|| query_param(query, "sid"))
+        .flatten()
+        .filter(|sid| is_sane_sid(sid))
+}
+
+/// Reads a polling POST whole (bounded: `MAX_SCREENED_BODY`, and the body idle timeout),
+/// lets the chat reader screen its packets, and returns what goes to the backend.
+async fn screen_polling_post(
+    gw: &Gateway,
+    sid: &str,
+    incoming: Incoming,
+    idle: Duration,
+    max_body: u64,
+) -> Result<bytes::Bytes, ProxyError> {
+    use http_body_util::BodyExt as _;
+    let (body, _sent) =
+        Watched::request(incoming, idle, max_body, gw.metrics.request_bytes.clone());
+    let data = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(BodyError::TooLarge(limit)) => return Err(ProxyError::PayloadTooLarge(limit)),
+        Err(BodyError::IdleTimeout(t)) => return Err(ProxyError::RequestBodyTimeout(t)),
+        Err(BodyError::Hyper(_)) => {
+            return Err(ProxyError::BadRequest("the request body broke off"));
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&data) else {
+        return Ok(data);
+    };
+    let client = ChatClient::Session(sid.to_owned());
+    Ok(
+        match gw
+            .chat
+            .polling
+            .screen_post(&gw.chat, sid, client, text, gw.is_draining())
+        {
+            Some(screened) => bytes::Bytes::from(screened),
+            None => data,
+        },
+    )
+}
+
+/// The notices owed to polling session `sid`, as the first records of its answer (with
+/// `Content-Length` grown to match); empty when there are none.
+fn polling_notices(gw: &Gateway, sid: &str, headers: &mut http::HeaderMap) -> bytes::Bytes {
+    let notices = gw.chat.polling.take_notices(sid);
+    if notices.is_empty() {
+        return bytes::Bytes::new();
+    }
+    let mut prefix = notices.join("\x1e");
+    prefix.push('\x1e');
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(length) = length {
+        if let Ok(value) = HeaderValue::try_from((length + prefix.len() as u64).to_string()) {
+            headers.insert(header::CONTENT_LENGTH, value);
+        }
+    }
+    bytes::Bytes::from(prefix)
 }
 
 /// `head` again, for the worker at `url`.

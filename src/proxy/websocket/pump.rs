@@ -553,6 +553,7 @@ mod tests {
             observe: true,
             limits: crate::chat::limits::ChatLimits::default(),
             metrics: Arc::new(Metrics::new()),
+            polling: Default::default(),
         });
         let client = crate::chat::limits::ChatClient::Address([127, 0, 0, 1].into());
         ChatRelay::new(chat, client)
@@ -773,8 +774,11 @@ mod tests {
             pong_timeout: TIMEOUT,
             shutdown: CancellationToken::new(),
             metrics: Arc::new(Metrics::new()),
+            drain_grace: Duration::from_secs(20),
         };
-        let task = tokio::spawn(async move { pump(client_leg, backend_leg, &settings).await });
+        let mut chat = test_chat();
+        let task =
+            tokio::spawn(async move { pump(client_leg, backend_leg, &settings, &mut chat).await });
         let mut client = WebSocketStream::from_raw_socket(client_peer, Role::Client, None).await;
         for _ in 0..8 {
             client.send(Message::text("x".repeat(600))).await.unwrap();
