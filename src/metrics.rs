@@ -82,6 +82,34 @@ pub struct AssetCacheMetrics {
     pub memory_bytes: Gauge,
 }
 
+/// One worker's chat metrics (or the only set, with one worker).
+struct ChatHandles {
+    messages: Counter,
+    answers_in_progress: Gauge,
+    first_token: Histogram,
+    answer_duration: Histogram,
+}
+
+impl ChatHandles {
+    fn register(recorder: &PrometheusRecorder, worker: Option<usize>) -> ChatHandles {
+        let labels = || worker.map_or_else(Vec::new, |i| vec![Label::new("worker", i.to_string())]);
+        ChatHandles {
+            messages: recorder
+                .register_counter(&key("chatgate_chat_messages_total", labels()), &META),
+            answers_in_progress: recorder
+                .register_gauge(&key("chatgate_chat_answers_in_progress", labels()), &META),
+            first_token: recorder.register_histogram(
+                &key("chatgate_chat_time_to_first_token_seconds", labels()),
+                &META,
+            ),
+            answer_duration: recorder.register_histogram(
+                &key("chatgate_chat_answer_duration_seconds", labels()),
+                &META,
+            ),
+        }
+    }
+}
+
 /// One worker's metric handles, updated where its state changes.
 pub struct WorkerHandles {
     pub up: Gauge,
@@ -110,10 +138,8 @@ pub struct Metrics {
     websocket_relays: Gauge,
     backend_up: Gauge,
     probe_latency: Gauge,
-    chat_messages: Counter,
-    chat_answers_in_progress: Gauge,
-    chat_first_token: Histogram,
-    chat_answer_duration: Histogram,
+    /// The chat metrics, one set per worker (index 0 alone, unlabelled, with one worker).
+    chat: Vec<ChatHandles>,
     pub asset_cache: AssetCacheMetrics,
 }
 
@@ -328,14 +354,7 @@ impl Metrics {
             websocket_relays: gauge("chatgate_websocket_relays"),
             backend_up: gauge("chatgate_backend_up"),
             probe_latency: gauge("chatgate_backend_probe_latency_seconds"),
-            chat_messages: counter("chatgate_chat_messages_total", vec![]),
-            chat_answers_in_progress: gauge("chatgate_chat_answers_in_progress"),
-            chat_first_token: recorder.register_histogram(
-                &key("chatgate_chat_time_to_first_token_seconds", vec![]),
-                &META,
-            ),
-            chat_answer_duration: recorder
-                .register_histogram(&key("chatgate_chat_answer_duration_seconds", vec![]), &META),
+            chat: vec![ChatHandles::register(&recorder, None)],
             asset_cache: AssetCacheMetrics {
                 hits: counter("chatgate_asset_cache_hits_total", vec![]),
                 misses: counter("chatgate_asset_cache_misses_total", vec![]),
@@ -384,26 +403,45 @@ impl Metrics {
         self.response_bytes.increment(body_bytes);
     }
 
-    pub fn chat_message(&self) {
-        self.chat_messages.increment(1);
+    /// With `workers` > 1 the chat metrics carry a `worker` label (the index); call before
+    /// the metrics are shared.
+    pub fn with_chat_workers(mut self, workers: usize) -> Metrics {
+        if workers > 1 {
+            self.chat = (0..workers)
+                .map(|i| ChatHandles::register(&self.recorder, Some(i)))
+                .collect();
+        }
+        self
     }
 
-    pub fn chat_first_token(&self, took: std::time::Duration) {
-        self.chat_first_token.record(took.as_secs_f64());
+    fn chat(&self, worker: usize) -> &ChatHandles {
+        // Index 0 always exists; an index past the workers (none) falls back to it.
+        self.chat.get(worker).unwrap_or(&self.chat[0])
     }
 
-    pub fn chat_answer_started(&self) {
-        self.chat_answers_in_progress.increment(1.0);
+    pub fn chat_message(&self, worker: usize) {
+        self.chat(worker).messages.increment(1);
     }
 
-    pub fn chat_answer_ended(&self, took: std::time::Duration) {
-        self.chat_answers_in_progress.decrement(1.0);
-        self.chat_answer_duration.record(took.as_secs_f64());
+    pub fn chat_first_token(&self, worker: usize, took: std::time::Duration) {
+        self.chat(worker).first_token.record(took.as_secs_f64());
+    }
+
+    pub fn chat_answer_started(&self, worker: usize) {
+        self.chat(worker).answers_in_progress.increment(1.0);
+    }
+
+    pub fn chat_answer_ended(&self, worker: usize, took: std::time::Duration) {
+        let chat = self.chat(worker);
+        chat.answers_in_progress.decrement(1.0);
+        chat.answer_duration.record(took.as_secs_f64());
     }
 
     /// Answers still open when their session ended: no longer in progress, never timed.
-    pub fn chat_answers_abandoned(&self, count: usize) {
-        self.chat_answers_in_progress.decrement(count as f64);
+    pub fn chat_answers_abandoned(&self, worker: usize, count: usize) {
+        self.chat(worker)
+            .answers_in_progress
+            .decrement(count as f64);
     }
 
     /// Counts a chat message refused for `reason` (a fixed set of labels).

@@ -108,7 +108,7 @@ impl Gateway {
             config.limits.rate_engineio,
             config.limits.rate_ipv6_prefix,
         );
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new().with_chat_workers(config.worker_urls().len()));
         metrics.declare_rate_limit_classes(&LimitClass::ALL.map(LimitClass::label));
         metrics.declare_chat_refusal_reasons(&Refusal::LABELS);
         let chat = Arc::new(Chat {

@@ -301,13 +301,34 @@ async fn with_the_reader_off_nothing_is_counted_or_refused() {
 /// Every query of the shipped Grafana dashboard names a metric chatgate really exports.
 #[tokio::test]
 async fn the_grafana_dashboard_only_queries_exported_metrics() {
+    // Two workers, so the per-worker families are exported too.
     let backend = chat_backend(1, Duration::from_millis(1)).await;
-    let proxy = Proxy::start(backend.addr, &[]).await;
+    let second = chat_backend(1, Duration::from_millis(1)).await;
+    let config = support::config_for_workers(&[backend.addr, second.addr], &[]);
+    let proxy = Proxy::start_with(config).await;
+    proxy.wait_ready().await;
     // Histograms show up once they hold a sample: one chat round trip and one request.
     let mut client = connect(proxy.addr, PATH).await;
     client.send(Message::text(MESSAGE)).await.unwrap();
     read_until(&mut client, "task_end").await;
-    wait_metric(&proxy, "chatgate_chat_answer_duration_seconds_count", 1.0).await;
+    // With several workers the series carry a `worker` label: sum them.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let text = get(proxy.admin, "/monitor/metrics").await.unwrap().text();
+        let answered: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("chatgate_chat_answer_duration_seconds_count{worker="))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if answered == 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "answer not counted per worker: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     client.close(None).await.unwrap();
     wait_metric(&proxy, "chatgate_websocket_relays", 0.0).await;
     let _ = get(proxy.addr, "/monitor/live").await.unwrap();

@@ -41,6 +41,8 @@ pub enum Verdict {
 pub struct ChatRelay {
     chat: Arc<Chat>,
     client: ChatClient,
+    /// The worker the session is on (its metrics' `worker` label with several workers).
+    worker: usize,
     session: ChatSession,
     /// Binary frames still to drop: the attachments of a refused BINARY_EVENT.
     skip_attachments: u32,
@@ -49,10 +51,11 @@ pub struct ChatRelay {
 }
 
 impl ChatRelay {
-    pub fn new(chat: Arc<Chat>, client: ChatClient) -> ChatRelay {
+    pub fn new(chat: Arc<Chat>, client: ChatClient, worker: usize) -> ChatRelay {
         ChatRelay {
             chat,
             client,
+            worker,
             session: ChatSession::default(),
             skip_attachments: 0,
             seen_socketio: false,
@@ -89,7 +92,7 @@ impl ChatRelay {
         match admitted {
             Ok(()) => {
                 self.session.user_message(now);
-                self.chat.metrics.chat_message();
+                self.chat.metrics.chat_message(self.worker);
                 Verdict::Forward
             }
             Err(refusal) => {
@@ -125,14 +128,14 @@ impl ChatRelay {
         self.seen_socketio = true;
         match self.session.server_event(ChatEvent::from_server(name), now) {
             Observed::Nothing => {}
-            Observed::FirstToken(took) => self.chat.metrics.chat_first_token(took),
+            Observed::FirstToken(took) => self.chat.metrics.chat_first_token(self.worker, took),
             Observed::AnswerStarted => {
                 self.chat.limits.answer_started();
-                self.chat.metrics.chat_answer_started();
+                self.chat.metrics.chat_answer_started(self.worker);
             }
             Observed::AnswerEnded(took) => {
                 self.chat.limits.answers_ended(1);
-                self.chat.metrics.chat_answer_ended(took);
+                self.chat.metrics.chat_answer_ended(self.worker, took);
             }
         }
     }
@@ -142,7 +145,7 @@ impl ChatRelay {
         let open = self.session.close();
         if open > 0 {
             self.chat.limits.answers_ended(open);
-            self.chat.metrics.chat_answers_abandoned(open);
+            self.chat.metrics.chat_answers_abandoned(self.worker, open);
         }
         if self.seen_socketio {
             tracing::info!(
@@ -181,7 +184,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             polling: Default::default(),
         });
-        ChatRelay::new(chat, ChatClient::Address(IpAddr::from([192, 0, 2, 1])))
+        ChatRelay::new(chat, ChatClient::Address(IpAddr::from([192, 0, 2, 1])), 0)
     }
 
     const MESSAGE: &str = r#"42["client_message",{"message":{"output":"hi"},"fileReferences":[]}]"#;
@@ -260,7 +263,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             polling: Default::default(),
         });
-        let mut r = ChatRelay::new(chat, ChatClient::Session("s".into()));
+        let mut r = ChatRelay::new(chat, ChatClient::Session("s".into()), 0);
         assert_eq!(
             r.client_text(MESSAGE, Instant::now(), true),
             Verdict::Forward

@@ -48,13 +48,13 @@ impl PollingChats {
         &self,
         chat: &Arc<Chat>,
         sid: &str,
-        client: ChatClient,
+        worker: usize,
         body: &str,
         draining: bool,
     ) -> Option<String> {
         let now = Instant::now();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let session = session(&mut sessions, chat, sid, client, now);
+        let session = session(&mut sessions, chat, sid, worker, now);
         let mut changed = false;
         let mut out = String::with_capacity(body.len());
         for (i, record) in super::packets::records(body).enumerate() {
@@ -90,11 +90,10 @@ impl PollingChats {
     }
 
     /// A record of a GET answer for session `sid` (its first bytes at least).
-    pub fn server_record(&self, chat: &Arc<Chat>, sid: &str, head: &str) {
+    pub fn server_record(&self, chat: &Arc<Chat>, sid: &str, worker: usize, head: &str) {
         let now = Instant::now();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let client = ChatClient::Session(sid.to_owned());
-        session(&mut sessions, chat, sid, client, now)
+        session(&mut sessions, chat, sid, worker, now)
             .relay
             .server_text(head, now);
     }
@@ -130,7 +129,7 @@ fn session<'a>(
     sessions: &'a mut HashMap<String, PollingSession>,
     chat: &Arc<Chat>,
     sid: &str,
-    client: ChatClient,
+    worker: usize,
     now: Instant,
 ) -> &'a mut PollingSession {
     if !sessions.contains_key(sid) && sessions.len() >= MAX_SESSIONS {
@@ -147,7 +146,12 @@ fn session<'a>(
     let session = sessions
         .entry(sid.to_owned())
         .or_insert_with(|| PollingSession {
-            relay: ChatRelay::new(Arc::clone(chat), client),
+            // A polling session's messages count against the session itself.
+            relay: ChatRelay::new(
+                Arc::clone(chat),
+                ChatClient::Session(sid.to_owned()),
+                worker,
+            ),
             notices: Vec::new(),
             seen: now,
         });
@@ -215,14 +219,16 @@ impl RecordHeads {
 pub struct PollingTap {
     chat: Arc<Chat>,
     sid: String,
+    worker: usize,
     heads: RecordHeads,
 }
 
 impl PollingTap {
-    pub fn new(chat: Arc<Chat>, sid: String) -> Self {
+    pub fn new(chat: Arc<Chat>, sid: String, worker: usize) -> Self {
         PollingTap {
             chat,
             sid,
+            worker,
             heads: RecordHeads::default(),
         }
     }
@@ -230,18 +236,18 @@ impl PollingTap {
 
 impl crate::body::BodyTap for PollingTap {
     fn frame(&mut self, data: &bytes::Bytes) {
-        let (chat, sid) = (&self.chat, self.sid.as_str());
+        let (chat, sid, worker) = (&self.chat, self.sid.as_str(), self.worker);
         self.heads.feed(data, &mut |head| {
-            chat.polling.server_record(chat, sid, head)
+            chat.polling.server_record(chat, sid, worker, head)
         });
     }
 }
 
 impl Drop for PollingTap {
     fn drop(&mut self) {
-        let (chat, sid) = (&self.chat, self.sid.as_str());
+        let (chat, sid, worker) = (&self.chat, self.sid.as_str(), self.worker);
         self.heads
-            .finish(&mut |head| chat.polling.server_record(chat, sid, head));
+            .finish(&mut |head| chat.polling.server_record(chat, sid, worker, head));
     }
 }
 
@@ -263,22 +269,13 @@ mod tests {
 
     const MESSAGE: &str = r#"42["client_message",{"message":{"output":"hi"}}]"#;
 
-    fn client() -> ChatClient {
-        ChatClient::Session("s1".into())
-    }
-
     #[test]
     fn a_refused_message_becomes_a_noop_and_its_notice_waits_for_the_next_get() {
         let chat = chat(ChatLimits::new(parse_rate("1/minute").unwrap(), None, None));
         let polling = PollingChats::default();
-        assert_eq!(
-            polling.screen_post(&chat, "s1", client(), MESSAGE, false),
-            None
-        );
+        assert_eq!(polling.screen_post(&chat, "s1", 0, MESSAGE, false), None);
         let body = format!("{MESSAGE}\x1e42[\"fetch_favorites\",{{}}]");
-        let screened = polling
-            .screen_post(&chat, "s1", client(), &body, false)
-            .unwrap();
+        let screened = polling.screen_post(&chat, "s1", 0, &body, false).unwrap();
         assert_eq!(screened, "6\x1e42[\"fetch_favorites\",{}]");
         let notices = polling.take_notices("s1");
         assert_eq!(notices.len(), 1);
@@ -292,9 +289,7 @@ mod tests {
         let polling = PollingChats::default();
         let body =
             "451-[\"client_message\",{\"f\":{\"_placeholder\":true,\"num\":0}}]\x1ebAQID\x1ebBQY=";
-        let screened = polling
-            .screen_post(&chat, "s1", client(), body, true)
-            .unwrap();
+        let screened = polling.screen_post(&chat, "s1", 0, body, true).unwrap();
         assert_eq!(screened, "6\x1e6\x1ebBQY=");
     }
 
@@ -302,12 +297,12 @@ mod tests {
     fn answers_in_a_get_are_tracked_per_session_and_expire() {
         let chat = chat(ChatLimits::default());
         let polling = PollingChats::default();
-        polling.screen_post(&chat, "s1", client(), MESSAGE, false);
-        polling.server_record(&chat, "s1", r#"42["task_start",{}]"#);
+        polling.screen_post(&chat, "s1", 0, MESSAGE, false);
+        polling.server_record(&chat, "s1", 0, r#"42["task_start",{}]"#);
         assert_eq!(chat.limits.in_progress(), 1);
-        polling.server_record(&chat, "s2", r#"42["task_start",{}]"#);
+        polling.server_record(&chat, "s2", 0, r#"42["task_start",{}]"#);
         assert_eq!(chat.limits.in_progress(), 2);
-        polling.server_record(&chat, "s1", r#"42["task_end",{}]"#);
+        polling.server_record(&chat, "s1", 0, r#"42["task_end",{}]"#);
         assert_eq!(chat.limits.in_progress(), 1);
         polling.expire(Instant::now() + SESSION_IDLE);
         assert_eq!(polling.len(), 0);

@@ -16,7 +16,6 @@ use crate::backend::affinity::{is_sane_sid, query_param, unknown_session};
 use crate::backend::client::{is_refused, proxy_error};
 use crate::backend::pool::{Pin, ResponseTap, Target, Worker};
 use crate::body::{BodyError, BodyTap, ProxyBody, RequestBody, Watched};
-use crate::chat::limits::ChatClient;
 use crate::chat::polling::{MAX_SCREENED_BODY, PollingTap};
 use crate::config::BackendUrl;
 use crate::error::ProxyError;
@@ -79,7 +78,7 @@ pub async fn forward(
     } else if let Some(sid) = chat_sid.filter(|_| {
         parts.method == Method::POST && declared > 0 && declared <= MAX_SCREENED_BODY as u64
     }) {
-        let data = screen_polling_post(gw, sid, incoming, idle, max_body).await?;
+        let data = screen_polling_post(gw, sid, worker.index, incoming, idle, max_body).await?;
         if let Ok(length) = HeaderValue::try_from(data.len().to_string()) {
             parts.headers.insert(header::CONTENT_LENGTH, length);
         }
@@ -177,7 +176,7 @@ pub async fn forward(
             && !parts.headers.contains_key(header::CONTENT_ENCODING)
     });
     if let Some(sid) = chat_answer {
-        let chat_tap = PollingTap::new(Arc::clone(&gw.chat), sid.to_owned());
+        let chat_tap = PollingTap::new(Arc::clone(&gw.chat), sid.to_owned(), worker.index);
         let prefix = polling_notices(gw, sid, &mut parts.headers);
         let tap: Box<dyn BodyTap> = if several {
             if set_cookie {
@@ -231,6 +230,7 @@ fn polling_sid(query: Option<&str>) -> Option<&str> {
 async fn screen_polling_post(
     gw: &Gateway,
     sid: &str,
+    worker: usize,
     incoming: Incoming,
     idle: Duration,
     max_body: u64,
@@ -249,12 +249,11 @@ async fn screen_polling_post(
     let Ok(text) = std::str::from_utf8(&data) else {
         return Ok(data);
     };
-    let client = ChatClient::Session(sid.to_owned());
     Ok(
         match gw
             .chat
             .polling
-            .screen_post(&gw.chat, sid, client, text, gw.is_draining())
+            .screen_post(&gw.chat, sid, worker, text, gw.is_draining())
         {
             Some(screened) => bytes::Bytes::from(screened),
             None => data,

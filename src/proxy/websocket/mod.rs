@@ -155,7 +155,7 @@ pub async fn relay(
         metrics: Arc::clone(&gw.metrics),
         drain_grace: gw.config.shutdown.grace,
     };
-    let mut chat = ChatRelay::new(Arc::clone(&gw.chat), chat_client(ctx));
+    let mut chat = ChatRelay::new(Arc::clone(&gw.chat), chat_client(ctx), worker.index);
     let mut line = RelayLine {
         path: ctx.uri.path().to_owned(),
         request_id: ctx.request_id.clone(),

@@ -556,7 +556,7 @@ mod tests {
             polling: Default::default(),
         });
         let client = crate::chat::limits::ChatClient::Address([127, 0, 0, 1].into());
-        ChatRelay::new(chat, client)
+        ChatRelay::new(chat, client, 0)
     }
 
     /// A relay over roomy in-memory pipes: (client peer, backend peer, task, shutdown).
