@@ -77,9 +77,25 @@ if [[ $CHATGATE_BIN == "$ROOT/target/release/chatgate" ]]; then
         { log "build failed: $(tail -5 "$WORK/build.log")"; exit 1; }
 fi
 
-# User+system CPU ticks of a process (fields 14 and 15 of /proc/PID/stat).
+# User+system CPU ticks of processes (fields 14 and 15 of /proc/PID/stat), summed.
 cpu_ticks() {
-    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
+    local pid total=0 ticks
+    for pid in "$@"; do
+        ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        total=$((total + ${ticks:-0}))
+    done
+    echo "$total"
+}
+
+# Busy and total ticks of the whole machine, from /proc/stat's cpu line.
+machine_ticks() {
+    awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6 }' /proc/stat
+}
+
+# The supervised workers' pids, from chatgate's /monitor/health.
+worker_pids() {
+    curl -s --max-time 2 "http://127.0.0.1:$1/monitor/health" |
+        "$VENV/bin/python" -c 'import json,sys; print(" ".join(str(w["pid"]) for w in json.load(sys.stdin)["workers"]))'
 }
 
 # Waits until chatgate at port $1 reports $2 reachable workers (bounded).
@@ -138,10 +154,20 @@ run_scaling() {
                 exit 1
             }
             log "run $repeat/$REPEATS: $workers worker(s), $CHATS chats, ${RUN_SECONDS} s"
+            local pids machine0 machine1 workers0 workers1 gate0 gate1
+            read -r -a pids <<<"$(worker_pids "$port")"
+            machine0=$(machine_ticks)
+            workers0=$(cpu_ticks "${pids[@]}")
+            gate0=$(cpu_ticks "$pid")
             json=$("$VENV/bin/python" "$BENCH_DIR/workers/load.py" --url "http://127.0.0.1:$port" \
                 --chats "$CHATS" --seconds "$RUN_SECONDS")
+            machine1=$(machine_ticks)
+            workers1=$(cpu_ticks "${pids[@]}")
+            gate1=$(cpu_ticks "$pid")
             log "  $json"
-            printf 'run\t%s\t%s\t%s\n' "$workers" "$repeat" "$json" >>"$WORK/scaling.tsv"
+            printf 'run\t%s\t%s\t%s\t%s %s %s %s %s\n' "$workers" "$repeat" "$json" \
+                "$machine0" "$machine1" "$((workers1 - workers0))" "$((gate1 - gate0))" \
+                "$(getconf CLK_TCK)" >>"$WORK/scaling.tsv"
             stop_pid "$pid"
         done
     done
@@ -197,8 +223,18 @@ work, out, chats, seconds, work_ms, cpus = sys.argv[1:7]
 rows = [l.rstrip("\n").split("\t") for l in open(os.path.join(work, "scaling.tsv"))]
 rounds = rows[0][1]
 runs = {}
-for _, workers, repeat, blob in rows[1:]:
-    runs.setdefault(int(workers), []).append(json.loads(blob))
+for _, workers, repeat, blob, ticks in rows[1:]:
+    result = json.loads(blob)
+    busy0, total0, busy1, total1, worker_ticks, gate_ticks, hz = map(int, ticks.split())
+    # CPU seconds in the run (warm-up included) and what share of the machine was idle.
+    result["cpu"] = {
+        "workers": worker_ticks / hz,
+        "chatgate": gate_ticks / hz,
+        "client": result.get("client_cpu_seconds", 0.0),
+        "busy": (busy1 - busy0) / hz,
+        "idle_share": 1 - (busy1 - busy0) / max(1, total1 - total0),
+    }
+    runs.setdefault(int(workers), []).append(result)
 lines = [
     "# Workers: a CPU-bound Chainlit app on 1 and 2 workers",
     "",
@@ -207,8 +243,8 @@ lines = [
     f"(polling then WebSocket, one message in flight each), {seconds} s per run after a 3 s warm-up,",
     "behind chatgate --workers N. The load client and chatgate run on the same CPUs.",
     "",
-    "| workers | replies/s per run | median | session errors | chats (replies) per worker |",
-    "|---:|---|---:|---:|---|",
+    "| workers | replies/s per run | median | session errors | chats (replies) per worker | CPU s: workers / chatgate / client / all others, machine idle |",
+    "|---:|---|---:|---:|---|---|",
 ]
 medians = {}
 for workers, results in sorted(runs.items()):
@@ -216,10 +252,21 @@ for workers, results in sorted(runs.items()):
     medians[workers] = statistics.median(rates)
     errors = sum(len(r["errors"]) for r in results)
     spread = "; ".join(
-        ", ".join(f"w{w}: {v['chats']} ({v['replies']})" for w, v in sorted(r["per_worker"].items()))
+        ", ".join(
+            f"w{w if w != '?' else 0}: {v['chats']} ({v['replies']})"
+            for w, v in sorted(r["per_worker"].items())
+        )
         for r in results
     )
-    lines.append(f"| {workers} | {', '.join(f'{x:.1f}' for x in rates)} | {medians[workers]:.1f} | {errors} | {spread} |")
+    cpu = "; ".join(
+        "{w:.1f} / {g:.1f} / {c:.1f} / {o:.1f}, {i:.0%}".format(
+            w=r["cpu"]["workers"], g=r["cpu"]["chatgate"], c=r["cpu"]["client"],
+            o=max(0.0, r["cpu"]["busy"] - r["cpu"]["workers"] - r["cpu"]["chatgate"] - r["cpu"]["client"]),
+            i=r["cpu"]["idle_share"],
+        )
+        for r in results
+    )
+    lines.append(f"| {workers} | {', '.join(f'{x:.1f}' for x in rates)} | {medians[workers]:.1f} | {errors} | {spread} | {cpu} |")
 if 1 in medians and 2 in medians and medians[1]:
     lines += ["", f"Scaling, 2 workers over 1: **{medians[2] / medians[1]:.2f}×** (goal ≥ 1.6×)."]
 path = os.path.join(work, "affinity.tsv")
