@@ -192,7 +192,8 @@ async fn to_backend(
         Routing::To(target) => target,
         Routing::DeadSession(sid) => return Ok(unknown_session(&sid)),
     };
-    let secure = target.set_cookie && came_over_https(req.headers(), ctx);
+    // Also when the cookie is only re-pointed later (the worker refused).
+    let secure = gw.workers.several() && came_over_https(req.headers(), ctx);
     if ctx.upgrade {
         return websocket::relay(gw, req, ctx, path_and_query, target, secure).await;
     }

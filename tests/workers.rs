@@ -441,6 +441,42 @@ async fn the_cookie_is_secure_behind_a_trusted_https_proxy_and_samesite_is_confi
 }
 
 #[tokio::test]
+async fn a_cookie_re_pointed_behind_a_trusted_https_proxy_stays_secure() {
+    // No probe tick during the test: the refusal itself re-points the cookie.
+    let (proxy, mut w0, mut w1) = two_workers(&[
+        "--trusted-proxies",
+        "127.0.0.0/8",
+        "--health-interval",
+        "30",
+    ])
+    .await;
+    let via_https = |cookie: Option<&str>| {
+        let mut builder = request("GET", proxy.addr, "/").header("x-forwarded-proto", "https");
+        if let Some(cookie) = cookie {
+            builder = builder.header(header::COOKIE, cookie);
+        }
+        builder.body(full("")).unwrap()
+    };
+    let first = send(proxy.addr, via_https(None)).await.unwrap();
+    assert!(first.header("set-cookie").contains("Secure"));
+    let cookie = affinity_cookie(&first).unwrap();
+    if worker_of(&first) == "w0" {
+        w0.kill();
+    } else {
+        w1.kill();
+    }
+    let repointed = send(proxy.addr, via_https(Some(&cookie))).await.unwrap();
+    assert_eq!(repointed.status, StatusCode::OK);
+    let set = repointed.header("set-cookie");
+    assert!(set.contains("Secure"), "re-pointed after a refusal: {set}");
+    let plain = get_with(proxy.addr, "/", None).await;
+    assert!(
+        !plain.header("set-cookie").contains("Secure"),
+        "plain http from a trusted peer: not Secure"
+    );
+}
+
+#[tokio::test]
 async fn a_cookieless_engineio_client_keeps_its_session_by_sid() {
     let (proxy, _w0, _w1) = two_workers(&[]).await;
     for _ in 0..4 {

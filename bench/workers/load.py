@@ -11,6 +11,7 @@ replies it served.
 
 import argparse
 import json
+import os
 import threading
 import time
 import uuid
@@ -117,9 +118,11 @@ def main():
         w["replies"] += c.replies
     errors = connect_errors + [e for c in chats for e in c.errors]
     replies = sum(c.replies for c in chats)
+    times = os.times()
     print(json.dumps({
         "chats": args.chats, "seconds": round(elapsed, 2), "replies": replies,
         "replies_per_second": round(replies / elapsed, 2), "errors": errors, "per_worker": per_worker,
+        "client_cpu_seconds": round(times.user + times.system, 2),
     }), flush=True)
     for c in chats:
         try:

@@ -7,8 +7,9 @@
 //! refused connection as a failure. Nothing probes per request.
 //!
 //! The probe runs every `--health-interval` while the backend is up and settled; while it is
-//! down, unknown or has just failed, every 0.5 s backing off to the interval, so that
-//! readiness follows a backend that starts late (or dies) within about a second.
+//! down, unknown or has just failed, every 0.5 s for the first 30 s (a Chainlit cold start),
+//! then backing off to the interval, so that readiness follows a backend that starts late
+//! (or dies) within about a second.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -30,6 +31,8 @@ use crate::config::{BackendConfig, HealthConfig};
 pub const FAILURES_TO_DOWN: u32 = 3;
 /// The probe's quickest pace, while the backend is down or unknown.
 pub const QUICK_PROBE: Duration = Duration::from_millis(500);
+/// Quick probes before backing off: 30 s of them, a slow Chainlit cold start.
+const QUICK_PROBES: u32 = 60;
 /// Probes that a burst of refused requests (or a worker's exit) triggers are at least this
 /// far apart: those requests already count as failures, the probe only has to notice the
 /// backend's return at the quick pace.
@@ -335,7 +338,7 @@ impl BackendProbe {
         health: std::sync::Arc<BackendHealth>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut quick = None;
+        let mut pace = QuickPace::default();
         loop {
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -343,13 +346,13 @@ impl BackendProbe {
             };
             health.record(outcome);
             let probed = Instant::now();
-            let delay = next_probe_delay(health.settled(), &mut quick, self.interval);
+            let delay = next_probe_delay(health.settled(), &mut pace, self.interval);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
                 _ = health.wake.notified() => {
                     // Look again soon, from the quick pace.
-                    quick = None;
+                    pace = QuickPace::default();
                     tokio::time::sleep_until(probed + WAKE_SPACING).await;
                 }
             }
@@ -357,21 +360,31 @@ impl BackendProbe {
     }
 }
 
+/// The pace of a backend that is not settled: how many probes found it so in a row, and the
+/// last delay once backing off.
+#[derive(Debug, Default)]
+pub struct QuickPace {
+    probes: u32,
+    backoff: Option<Duration>,
+}
+
 /// How long until the next probe: the full `interval` while the backend is settled; else
-/// 0.5 s, doubling on each probe that still finds it unsettled, up to `interval`.
-pub fn next_probe_delay(
-    settled: bool,
-    quick: &mut Option<Duration>,
-    interval: Duration,
-) -> Duration {
+/// 0.5 s for [`QUICK_PROBES`] probes, then doubling up to `interval`.
+pub fn next_probe_delay(settled: bool, pace: &mut QuickPace, interval: Duration) -> Duration {
     if settled {
-        *quick = None;
+        *pace = QuickPace::default();
         return interval;
     }
-    let delay = quick
-        .map_or(QUICK_PROBE, |d| d.saturating_mul(2))
-        .min(interval);
-    *quick = Some(delay);
+    pace.probes = pace.probes.saturating_add(1);
+    let delay = if pace.probes <= QUICK_PROBES {
+        QUICK_PROBE
+    } else {
+        pace.backoff.map_or(QUICK_PROBE, |d| d.saturating_mul(2))
+    };
+    let delay = delay.min(interval);
+    if pace.probes > QUICK_PROBES {
+        pace.backoff = Some(delay);
+    }
     delay
 }
 
@@ -444,23 +457,28 @@ mod tests {
     #[test]
     fn probes_are_quick_while_unsettled_and_back_off_to_the_interval() {
         let interval = Duration::from_secs(5);
-        let mut quick = None;
-        let delays: Vec<_> = (0..5)
-            .map(|_| next_probe_delay(false, &mut quick, interval))
+        let mut pace = QuickPace::default();
+        let delays: Vec<_> = (0..QUICK_PROBES + 5)
+            .map(|_| next_probe_delay(false, &mut pace, interval))
             .collect();
-        assert_eq!(
-            delays,
-            [0.5, 1.0, 2.0, 4.0, 5.0].map(Duration::from_secs_f64),
-            "quick, then backing off to the interval"
+        let quick = QUICK_PROBES as usize;
+        assert!(
+            delays[..quick].iter().all(|d| *d == QUICK_PROBE),
+            "every 0.5 s through a cold start"
         );
-        assert_eq!(next_probe_delay(true, &mut quick, interval), interval);
         assert_eq!(
-            next_probe_delay(false, &mut quick, interval),
+            delays[quick..],
+            [0.5, 1.0, 2.0, 4.0, 5.0].map(Duration::from_secs_f64),
+            "then backing off to the interval"
+        );
+        assert_eq!(next_probe_delay(true, &mut pace, interval), interval);
+        assert_eq!(
+            next_probe_delay(false, &mut pace, interval),
             QUICK_PROBE,
             "quick again after it settled once"
         );
-        let mut quick = None;
+        let mut pace = QuickPace::default();
         let short = Duration::from_millis(200);
-        assert_eq!(next_probe_delay(false, &mut quick, short), short);
+        assert_eq!(next_probe_delay(false, &mut pace, short), short);
     }
 }

@@ -53,7 +53,10 @@ pub fn config_for_workers(backends: &[SocketAddr], extra: &[&str]) -> Config {
     let list: Vec<String> = backends.iter().map(|a| format!("http://{a}")).collect();
     let list = list.join(",");
     let mut args = vec!["chatgate", "--listen", "127.0.0.1:0", "--backend", &list];
-    args.extend_from_slice(&["--health-interval", "0.2", "--log-format", "text"]);
+    if !extra.contains(&"--health-interval") {
+        args.extend_from_slice(&["--health-interval", "0.2"]);
+    }
+    args.extend_from_slice(&["--log-format", "text"]);
     args.extend_from_slice(extra);
     let cli = Cli::parse_with(args, |_| None).expect("flags parse");
     Config::from_settings(&cli.settings).expect("config validates")
