@@ -78,25 +78,7 @@ impl Proxy {
 
     pub async fn start_with(config: Config) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().unwrap();
-        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let admin = admin_listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let stop_signal = async {
-            let _ = stopped.await;
-        };
-        let handle = tokio::spawn(chatgate::server::run(
-            config,
-            listener,
-            Some(admin_listener),
-            stop_signal,
-        ));
-        Proxy {
-            addr,
-            admin,
-            stop: Some(stop),
-            handle,
-        }
+        Proxy::start_on(listener, config).await
     }
 
     /// Like `start_with`, serving on a listener the caller bound (another address family,
