@@ -186,6 +186,13 @@ impl WorkersConfig {
                     )));
                 }
                 let app_dir = s.worker_app_dir.trim();
+                if !app_dir.is_empty() && !std::path::Path::new(app_dir).is_dir() {
+                    p.check::<()>(Err(invalid(
+                        "worker-app-dir",
+                        &s.worker_app_dir,
+                        "not a directory",
+                    )));
+                }
                 Some(SupervisedConfig {
                     count: n,
                     port_base: base as u16,
