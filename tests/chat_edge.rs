@@ -445,6 +445,23 @@ async fn post(proxy: &Proxy, body: &'static str) -> support::Reply {
 async fn polling_messages_over_the_rate_become_noops_and_the_notice_comes_with_the_next_poll() {
     let (backend, posts) = polling_backend().await;
     let proxy = Proxy::start(backend.addr, &["--chat-rate-limit", "1/minute"]).await;
+    // A forged session the backend never answered for is passed on unscreened (and not kept).
+    let forged = support::request(
+        "POST",
+        proxy.addr,
+        "/ws/socket.io/?EIO=4&transport=polling&sid=forged",
+    )
+    .body(support::full(
+        "42[\"client_message\",{}]\x1e42[\"client_message\",{}]",
+    ))
+    .unwrap();
+    support::send(proxy.addr, forged).await.unwrap();
+    assert_eq!(
+        posts.lock().unwrap().pop().as_deref(),
+        Some("42[\"client_message\",{}]\x1e42[\"client_message\",{}]")
+    );
+    // The session's first poll answer (here a whole answer) makes it known.
+    let _ = get(proxy.addr, POLL).await.unwrap().text();
     let two = "42[\"client_message\",{\"message\":{\"output\":\"a\"}}]\x1e42[\"client_message\",{\"message\":{\"output\":\"b\"}}]";
     let posted = post(&proxy, two).await;
     assert_eq!(posted.status, http::StatusCode::OK);
@@ -484,17 +501,21 @@ async fn polling_messages_over_the_rate_become_noops_and_the_notice_comes_with_t
 async fn polling_answers_are_counted_and_timed() {
     let (backend, _posts) = polling_backend().await;
     let proxy = Proxy::start(backend.addr, &[]).await;
+    // The first poll answer makes the session known (it carries an answer of its own here).
+    let _ = get(proxy.addr, POLL).await.unwrap().text();
+    wait_metric(&proxy, "chatgate_chat_answer_duration_seconds_count", 1.0).await;
     post(
         &proxy,
         "42[\"client_message\",{\"message\":{\"output\":\"a\"}}]",
     )
     .await;
     let _ = get(proxy.addr, POLL).await.unwrap().text();
-    wait_metric(&proxy, "chatgate_chat_answer_duration_seconds_count", 1.0).await;
+    wait_metric(&proxy, "chatgate_chat_answer_duration_seconds_count", 2.0).await;
     assert_eq!(metric(&proxy, "chatgate_chat_messages_total").await, 1.0);
     assert_eq!(
         metric(&proxy, "chatgate_chat_time_to_first_token_seconds_count").await,
-        1.0
+        1.0,
+        "only the answer after the message has a first token"
     );
     assert_eq!(
         metric(&proxy, "chatgate_chat_answers_in_progress").await,

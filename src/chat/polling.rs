@@ -43,18 +43,17 @@ pub struct PollingChats {
 
 impl PollingChats {
     /// Screens a POST body of session `sid`: each user message is admitted or replaced by a
-    /// noop. Returns the body to send on, or `None` when nothing was changed.
-    pub fn screen_post(
-        &self,
-        chat: &Arc<Chat>,
-        sid: &str,
-        worker: usize,
-        body: &str,
-        draining: bool,
-    ) -> Option<String> {
+    /// noop. Returns the body to send on, or `None` when nothing was changed (or the session
+    /// is not one the backend has answered for yet).
+    pub fn screen_post(&self, sid: &str, body: &str, draining: bool) -> Option<String> {
         let now = Instant::now();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let session = session(&mut sessions, chat, sid, worker, now);
+        // Only a session the backend has answered for (a 200 poll, which creates it in
+        // `server_record`) is screened: any client can write a `sid` in a POST, and junk
+        // ones must not fill the table. A real client's first poll answer (the Socket.IO
+        // CONNECT ack) comes long before its first chat message.
+        let session = sessions.get_mut(sid)?;
+        session.seen = now;
         let mut changed = false;
         let mut out = String::with_capacity(body.len());
         for (i, record) in super::packets::records(body).enumerate() {
@@ -273,9 +272,15 @@ mod tests {
     fn a_refused_message_becomes_a_noop_and_its_notice_waits_for_the_next_get() {
         let chat = chat(ChatLimits::new(parse_rate("1/minute").unwrap(), None, None));
         let polling = PollingChats::default();
-        assert_eq!(polling.screen_post(&chat, "s1", 0, MESSAGE, false), None);
+        assert_eq!(
+            polling.screen_post("s1", MESSAGE, false),
+            None,
+            "a session the backend never answered for is not screened"
+        );
+        polling.server_record(&chat, "s1", 0, r#"40{"sid":"x"}"#);
+        assert_eq!(polling.screen_post("s1", MESSAGE, false), None);
         let body = format!("{MESSAGE}\x1e42[\"fetch_favorites\",{{}}]");
-        let screened = polling.screen_post(&chat, "s1", 0, &body, false).unwrap();
+        let screened = polling.screen_post("s1", &body, false).unwrap();
         assert_eq!(screened, "6\x1e42[\"fetch_favorites\",{}]");
         let notices = polling.take_notices("s1");
         assert_eq!(notices.len(), 1);
@@ -287,9 +292,10 @@ mod tests {
     fn a_refused_binary_message_takes_its_base64_attachments_along() {
         let chat = chat(ChatLimits::default());
         let polling = PollingChats::default();
+        polling.server_record(&chat, "s1", 0, r#"40{"sid":"x"}"#);
         let body =
             "451-[\"client_message\",{\"f\":{\"_placeholder\":true,\"num\":0}}]\x1ebAQID\x1ebBQY=";
-        let screened = polling.screen_post(&chat, "s1", 0, body, true).unwrap();
+        let screened = polling.screen_post("s1", body, true).unwrap();
         assert_eq!(screened, "6\x1e6\x1ebBQY=");
     }
 
@@ -297,7 +303,8 @@ mod tests {
     fn answers_in_a_get_are_tracked_per_session_and_expire() {
         let chat = chat(ChatLimits::default());
         let polling = PollingChats::default();
-        polling.screen_post(&chat, "s1", 0, MESSAGE, false);
+        polling.server_record(&chat, "s1", 0, r#"40{"sid":"x"}"#);
+        polling.screen_post("s1", MESSAGE, false);
         polling.server_record(&chat, "s1", 0, r#"42["task_start",{}]"#);
         assert_eq!(chat.limits.in_progress(), 1);
         polling.server_record(&chat, "s2", 0, r#"42["task_start",{}]"#);

@@ -78,7 +78,7 @@ pub async fn forward(
     } else if let Some(sid) = chat_sid.filter(|_| {
         parts.method == Method::POST && declared > 0 && declared <= MAX_SCREENED_BODY as u64
     }) {
-        let data = screen_polling_post(gw, sid, worker.index, incoming, idle, max_body).await?;
+        let data = screen_polling_post(gw, sid, incoming, idle, max_body).await?;
         if let Ok(length) = HeaderValue::try_from(data.len().to_string()) {
             parts.headers.insert(header::CONTENT_LENGTH, length);
         }
@@ -230,7 +230,6 @@ fn polling_sid(query: Option<&str>) -> Option<&str> {
 async fn screen_polling_post(
     gw: &Gateway,
     sid: &str,
-    worker: usize,
     incoming: Incoming,
     idle: Duration,
     max_body: u64,
@@ -250,11 +249,7 @@ async fn screen_polling_post(
         return Ok(data);
     };
     Ok(
-        match gw
-            .chat
-            .polling
-            .screen_post(&gw.chat, sid, worker, text, gw.is_draining())
-        {
+        match gw.chat.polling.screen_post(sid, text, gw.is_draining()) {
             Some(screened) => bytes::Bytes::from(screened),
             None => data,
         },
