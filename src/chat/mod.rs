@@ -29,6 +29,19 @@ pub struct Chat {
     pub polling: polling::PollingChats,
 }
 
+#[cfg(test)]
+impl Chat {
+    /// A chat edge reading the traffic, with these limits and metrics of its own.
+    pub fn for_tests(limits: ChatLimits) -> Arc<Chat> {
+        Arc::new(Chat {
+            observe: true,
+            limits,
+            metrics: Arc::new(Metrics::new()),
+            polling: Default::default(),
+        })
+    }
+}
+
 /// What to do with a message from the client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -178,12 +191,7 @@ mod tests {
     use std::time::Duration;
 
     fn relay(limits: ChatLimits) -> ChatRelay {
-        let chat = Arc::new(Chat {
-            observe: true,
-            limits,
-            metrics: Arc::new(Metrics::new()),
-            polling: Default::default(),
-        });
+        let chat = Chat::for_tests(limits);
         ChatRelay::new(chat, ChatClient::Address(IpAddr::from([192, 0, 2, 1])), 0)
     }
 

@@ -32,6 +32,9 @@ pub enum Packet<'a> {
 
 /// Longest event name read; Chainlit's are short, and a bound keeps the scan cheap.
 const MAX_EVENT_NAME: usize = 64;
+/// Longest namespace read past (Chainlit uses none); a longer one is not understood, so the
+/// scan never walks a whole message.
+const MAX_NAMESPACE: usize = 128;
 
 /// Reads one Engine.IO packet (a WebSocket text frame, or one record of a polling body).
 pub fn read(packet: &str) -> Packet<'_> {
@@ -76,7 +79,11 @@ fn read_socketio(packet: &str) -> Packet<'_> {
     if bytes.get(i) == Some(&b'/') {
         // A namespace: up to the comma. Chainlit uses the default one, but others are read
         // past all the same.
-        match packet[i..].find(',') {
+        match packet.as_bytes()[i..]
+            .iter()
+            .take(MAX_NAMESPACE)
+            .position(|&b| b == b',')
+        {
             Some(comma) => i += comma + 1,
             None => return Packet::Other,
         }
@@ -211,6 +218,8 @@ mod tests {
         assert_eq!(read(&long), Packet::Other);
         let fits = format!("42[\"{}\",1]", "a".repeat(MAX_EVENT_NAME));
         assert!(matches!(read(&fits), Packet::Event { .. }));
+        let long_namespace = format!("42/{},[\"x\",1]", "n".repeat(MAX_NAMESPACE));
+        assert_eq!(read(&long_namespace), Packet::Other);
     }
 
     #[test]

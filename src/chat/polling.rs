@@ -255,15 +255,9 @@ mod tests {
     use super::*;
     use crate::chat::limits::ChatLimits;
     use crate::config::parse_rate;
-    use crate::metrics::Metrics;
 
     fn chat(limits: ChatLimits) -> Arc<Chat> {
-        Arc::new(Chat {
-            observe: true,
-            limits,
-            metrics: Arc::new(Metrics::new()),
-            polling: Default::default(),
-        })
+        Chat::for_tests(limits)
     }
 
     const MESSAGE: &str = r#"42["client_message",{"message":{"output":"hi"}}]"#;

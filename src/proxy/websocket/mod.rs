@@ -22,7 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::backend::affinity::{query_param, unknown_session};
+use crate::backend::affinity::{is_sane_sid, query_param, unknown_session};
 use crate::backend::client::{LegError, connect_stream};
 use crate::backend::pool::{Pin, Target};
 use crate::body::ProxyBody;
@@ -208,12 +208,7 @@ pub async fn relay(
 /// Who the relay's chat messages count against: its Engine.IO session when the upgrade
 /// names one (`sid`), else the client's address.
 fn chat_client(ctx: &RequestContext) -> ChatClient {
-    let sid = ctx.uri.query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("sid="))
-            .filter(|sid| !sid.is_empty() && sid.len() <= 64)
-    });
-    match sid {
+    match query_param(ctx.uri.query(), "sid").filter(|sid| is_sane_sid(sid)) {
         Some(sid) => ChatClient::Session(sid.to_owned()),
         None => ChatClient::Address(ctx.client),
     }

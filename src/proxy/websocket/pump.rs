@@ -549,12 +549,7 @@ mod tests {
 
     /// A chat reader with no limits, as a relay gets by default.
     fn test_chat() -> ChatRelay {
-        let chat = Arc::new(crate::chat::Chat {
-            observe: true,
-            limits: crate::chat::limits::ChatLimits::default(),
-            metrics: Arc::new(Metrics::new()),
-            polling: Default::default(),
-        });
+        let chat = crate::chat::Chat::for_tests(Default::default());
         let client = crate::chat::limits::ChatClient::Address([127, 0, 0, 1].into());
         ChatRelay::new(chat, client, 0)
     }
