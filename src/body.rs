@@ -32,7 +32,7 @@ pub enum BodyError {
 /// frame: a consumer that was slow to ask (hyper stops asking while a slow client's socket
 /// is full) is backpressure, not an idle stream, and must not trip the timer on its next
 /// poll. A client that stops reading altogether is the socket's watchdog's business
-/// (`client_io`). `Unpin`, as the pooled client requires of request bodies.
+/// (`client_io`). `Unpin`, as hyper's client connection requires of request bodies.
 pub struct Watched<B = Incoming> {
     inner: B,
     // Armed only once the stream first has to wait: a body that arrives at once never

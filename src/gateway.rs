@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::backend::affinity::{engineio_request, unknown_session};
+use crate::backend::owned::OwnedBackend;
 use crate::backend::pool::Routing;
 use crate::body::ProxyBody;
 use crate::client_io::FramingConflict;
@@ -37,6 +38,7 @@ pub async fn handle(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    owned: Arc<OwnedBackend>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let ctx = context(&gw, &req, peer);
@@ -49,7 +51,7 @@ pub async fn handle(
     let engineio = matches!(route, Route::SocketIo { .. })
         || is_engineio(ctx.path(), ctx.uri.query(), &gw.config.routes.socketio_path);
     let result = match admit(&gw, &req, &ctx, probe, engineio) {
-        Ok(()) => dispatch(&gw, req, &ctx, route, engineio).await,
+        Ok(()) => dispatch(&gw, &owned, req, &ctx, route, engineio).await,
         Err(refusal) => Err(refusal),
     };
     let mut response = result.unwrap_or_else(|error| {
@@ -142,6 +144,7 @@ fn admit(
 
 async fn dispatch(
     gw: &Gateway,
+    owned: &OwnedBackend,
     req: Request<Incoming>,
     ctx: &RequestContext,
     route: Route<'_>,
@@ -160,7 +163,7 @@ async fn dispatch(
                 location,
             ))
         }
-        Route::AuthConfig => auth_config(gw, req, ctx, engineio).await,
+        Route::AuthConfig => auth_config(gw, owned, req, ctx, engineio).await,
         Route::SocketIo { rest } => {
             let mut path = socketio_backend_path(&gw.config.routes.socketio_path, rest);
             if let Some(query) = ctx.uri.query() {
@@ -169,10 +172,10 @@ async fn dispatch(
             }
             let pq = PathAndQuery::try_from(path)
                 .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
-            to_backend(gw, req, ctx, Some(pq), engineio).await
+            to_backend(gw, owned, req, ctx, Some(pq), engineio).await
         }
         Route::Backend => {
-            let fetch = |req| to_backend(gw, req, ctx, None, engineio);
+            let fetch = |req| to_backend(gw, owned, req, ctx, None, engineio);
             gw.asset_cache.serve(req, fetch).await
         }
     }
@@ -182,6 +185,7 @@ async fn dispatch(
 /// an Engine.IO session whose worker is gone.
 async fn to_backend(
     gw: &Gateway,
+    owned: &OwnedBackend,
     req: Request<Incoming>,
     ctx: &RequestContext,
     path_and_query: Option<PathAndQuery>,
@@ -197,7 +201,7 @@ async fn to_backend(
     if ctx.upgrade {
         return websocket::relay(gw, req, ctx, path_and_query, target, secure).await;
     }
-    forward::forward(gw, req, ctx, path_and_query, target, secure).await
+    forward::forward(gw, owned, req, ctx, path_and_query, target, secure).await
 }
 
 /// Whether the client reached us over https: chatgate itself speaks plain HTTP, so only a
@@ -213,6 +217,7 @@ fn came_over_https(headers: &http::HeaderMap, ctx: &RequestContext) -> bool {
 
 async fn auth_config(
     gw: &Gateway,
+    owned: &OwnedBackend,
     req: Request<Incoming>,
     ctx: &RequestContext,
     engineio: bool,
@@ -220,14 +225,14 @@ async fn auth_config(
     let routes = &gw.config.routes;
     let stub = || responses::json(StatusCode::OK, routes.auth_stub_body.clone());
     match routes.auth_stub {
-        AuthStubMode::Off => to_backend(gw, req, ctx, None, engineio).await,
+        AuthStubMode::Off => to_backend(gw, owned, req, ctx, None, engineio).await,
         AuthStubMode::On => {
             only_get_or_head(req.method())?;
             Ok(stub())
         }
         AuthStubMode::Auto => {
             let get = req.method() == Method::GET;
-            match to_backend(gw, req, ctx, None, engineio).await {
+            match to_backend(gw, owned, req, ctx, None, engineio).await {
                 Ok(r)
                     if get
                         && (r.status().is_server_error()

@@ -31,10 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("chatgate: cannot start the runtime: {e}");
@@ -110,4 +107,15 @@ async fn serve(config: Config) -> ExitCode {
     }
     chatgate::server::run(config, listener, admin, signals.recv()).await;
     ExitCode::SUCCESS
+}
+
+/// The runtime for the CPUs chatgate may use (its affinity mask and cgroup quota): with one,
+/// the current-thread scheduler, which skips the multi-threaded one's work-stealing
+/// bookkeeping (about 5% of the CPU of a small proxied request, bench/NOTES.md); with
+/// more, one worker thread per CPU.
+fn runtime_builder() -> tokio::runtime::Builder {
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
 }

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::owned::OwnedBackend;
 use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict};
 use crate::config::Config;
 use crate::responses::TOO_MANY_CONNECTIONS;
@@ -134,6 +135,9 @@ async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
         gateway.limits.forget_idle_clients();
         gateway.chat.limits.forget_idle_clients();
         gateway.chat.polling.expire(tokio::time::Instant::now());
+        for worker in gateway.workers.all() {
+            worker.idle.expire();
+        }
     }
 }
 
@@ -213,21 +217,41 @@ async fn serve_connection(
     );
     let reserve = slot.reserve;
     let http = if reserve { &http.reserve } else { &http.normal };
+    // The backend connection this client connection's requests go out on, run in this
+    // task beside the client connection (see `backend/owned.rs`).
+    let owned = Arc::new(OwnedBackend::default());
     let service = {
         let watch = Arc::clone(&watch);
+        let owned = Arc::clone(&owned);
         service_fn(move |req| {
-            serve_request(Arc::clone(&gateway), req, peer, Arc::clone(&watch), reserve)
+            serve_request(
+                Arc::clone(&gateway),
+                req,
+                peer,
+                Arc::clone(&watch),
+                Arc::clone(&owned),
+                reserve,
+            )
         })
     };
     let connection = http
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let backend = owned.drive();
+    tokio::pin!(backend);
+    let mut draining = false;
+    let result = loop {
+        tokio::select! {
+            // The client connection first: a request it hands to the backend connection is
+            // then written in the same wake-up.
+            biased;
+            result = connection.as_mut() => break result,
+            never = backend.as_mut() => match never {},
+            _ = shutdown.cancelled(), if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
         }
     };
     if watch.was_stalled() {
@@ -248,6 +272,7 @@ async fn serve_request(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     watch: Arc<ConnectionWatch>,
+    owned: Arc<OwnedBackend>,
     reserve: bool,
 ) -> Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible> {
     let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
@@ -261,7 +286,7 @@ async fn serve_request(
     if req.headers().contains_key(header::UPGRADE) {
         req.extensions_mut().insert(Arc::clone(&watch));
     }
-    let mut response = crate::gateway::handle(gateway, req, peer).await?;
+    let mut response = crate::gateway::handle(gateway, req, peer, owned).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         watch.set_upgraded();
     } else if chunked {

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::asset_cache::AssetCache;
-use crate::backend::client::{BackendClient, backend_client, tls_config};
+use crate::backend::client::tls_config;
 use crate::backend::health::BackendProbe;
 use crate::backend::pool::{WorkerMetrics, Workers};
 use crate::backend::supervisor::Supervisor;
@@ -22,8 +22,6 @@ use crate::metrics::{Gauges, Metrics};
 /// Everything a request handler needs, shared by all connections.
 pub struct Gateway {
     pub config: Config,
-    /// The pooled client for plain HTTP exchanges.
-    pub client: BackendClient,
     /// TLS for the WebSocket leg to an `https://` backend.
     pub tls: Arc<rustls::ClientConfig>,
     /// The backend's workers (one, unless several run): their health, load and affinity.
@@ -138,7 +136,6 @@ impl Gateway {
         );
         Gateway {
             asset_cache: AssetCache::new(&config.asset_cache, metrics.asset_cache.clone()),
-            client: backend_client(&config.backend),
             tls: Arc::new(tls_config()),
             config,
             workers: Arc::new(workers),

@@ -1,6 +1,7 @@
-//! Reaching the backend: the pooled keep-alive HTTP client (http or https), the WebSocket
-//! leg's own connection (plain TCP or TLS), and how their errors are told apart: refused,
-//! timed out, or failed after connecting.
+//! Reaching the backend: the connector the health probe uses (http or https), the transport
+//! of a connection of chatgate's own (plain TCP or TLS: a WebSocket leg's, or a client
+//! connection's, `owned.rs`), and how their errors are told apart: refused, timed out, or
+//! failed after connecting.
 
 use std::error::Error as StdError;
 use std::io;
@@ -9,18 +10,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::body::RequestBody;
 use crate::config::BackendConfig;
 use crate::error::{Cause, ProxyError};
 
 pub type Connector = HttpsConnector<HttpConnector>;
-pub type BackendClient = Client<Connector, RequestBody>;
 
 /// The TLS client configuration for `https://` backends: rustls with the web PKI roots.
 pub fn tls_config() -> rustls::ClientConfig {
@@ -52,18 +49,6 @@ pub fn connector(config: &BackendConfig) -> Connector {
         .wrap_connector(http)
 }
 
-/// The request client: pooled, keep-alive, idle connections dropped before the backend's
-/// own keep-alive timeout would close them under us (uvicorn: 5 s).
-pub fn backend_client(config: &BackendConfig) -> BackendClient {
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(1024)
-        .retry_canceled_requests(true)
-        .set_host(false)
-        .build(connector(config))
-}
-
 fn io_kind(err: &(dyn StdError + 'static)) -> Option<io::ErrorKind> {
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = source {
@@ -78,18 +63,6 @@ fn io_kind(err: &(dyn StdError + 'static)) -> Option<io::ErrorKind> {
 /// Whether the backend actively refused the connection (nothing listens: starting up).
 pub fn is_refused(err: &hyper_util::client::legacy::Error) -> bool {
     err.is_connect() && io_kind(err) == Some(io::ErrorKind::ConnectionRefused)
-}
-
-/// Maps a client error to where it came from.
-pub fn proxy_error(err: hyper_util::client::legacy::Error) -> ProxyError {
-    if err.is_connect() {
-        return match io_kind(&err) {
-            Some(io::ErrorKind::ConnectionRefused) => ProxyError::BackendRefused,
-            Some(io::ErrorKind::TimedOut) => ProxyError::BackendConnectTimeout,
-            _ => ProxyError::BackendConnect(Cause::new(err)),
-        };
-    }
-    ProxyError::BackendReset(Cause::new(err))
 }
 
 /// Why the WebSocket leg has no connection.
@@ -109,8 +82,8 @@ impl From<LegError> for ProxyError {
     }
 }
 
-/// Opens the WebSocket leg's own connection to the backend (it is not pooled: it becomes
-/// the relay's), TLS included for an `https://` backend; bounded by `--connect-timeout`.
+/// Opens a connection to the backend (a WebSocket leg's, or a client connection's own:
+/// `owned.rs`), TLS included for an `https://` backend; bounded by `--connect-timeout`.
 pub async fn connect_stream(
     config: &BackendConfig,
     tls: &Arc<rustls::ClientConfig>,

@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use crate::backend::affinity::{self, EngineIo, OpenPacket};
 use crate::backend::health::BackendHealth;
+use crate::backend::owned::IdleConnections;
 use crate::backend::sessions::{self, SessionHome, SessionTable};
 use crate::body::BodyTap;
 use crate::config::{AffinityConfig, BackendConfig, BackendUrl};
@@ -30,12 +31,17 @@ pub struct WorkerMetrics {
     pub restarts: Option<metrics::Counter>,
 }
 
+/// Idle keep-alive connections kept per worker, at most.
+const MAX_IDLE_PER_WORKER: usize = 1024;
+
 /// One backend process (or URL) behind chatgate.
 pub struct Worker {
     pub index: usize,
     /// The backend settings, with this worker's URL.
     pub backend: BackendConfig,
     pub health: Arc<BackendHealth>,
+    /// Keep-alive connections to it that no client connection holds right now.
+    pub idle: Arc<IdleConnections>,
     in_flight: AtomicUsize,
     relays: AtomicUsize,
     restarts: AtomicU64,
@@ -231,9 +237,11 @@ impl Workers {
                 };
                 let mut backend = backend.clone();
                 backend.url = url;
+                let idle = IdleConnections::new(backend.pool_idle_timeout, MAX_IDLE_PER_WORKER);
                 Arc::new(Worker {
                     index,
                     backend,
+                    idle: Arc::new(idle),
                     health: Arc::new(BackendHealth::new(several.then_some(index), up_gauge)),
                     in_flight: AtomicUsize::new(0),
                     relays: AtomicUsize::new(0),

@@ -45,7 +45,7 @@ pub struct BackendSettings {
         global = true
     )]
     pub body_idle_timeout: String,
-    /// Seconds a pooled backend connection may idle (keep below the backend's own: uvicorn 5).
+    /// Seconds an idle backend connection is kept for reuse (keep below the backend's own: uvicorn 5).
     #[arg(
         long,
         env = "CHATGATE_POOL_IDLE_TIMEOUT",

@@ -9,16 +9,17 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::backend::affinity::{is_sane_sid, query_param, unknown_session};
-use crate::backend::client::{is_refused, proxy_error};
+use crate::backend::client::LegError;
+use crate::backend::owned::{BackendConn, OwnedBackend, Sent};
 use crate::backend::pool::{Pin, ResponseTap, Target, Worker};
 use crate::body::{BodyError, BodyTap, ProxyBody, RequestBody, Watched};
 use crate::chat::polling::{MAX_SCREENED_BODY, PollingTap};
-use crate::config::BackendUrl;
-use crate::error::ProxyError;
+use crate::error::{Cause, ProxyError};
 use crate::proxy::RequestContext;
 use crate::proxy::headers::{backend_request_head, strip_hop_by_hop};
 use crate::state::Gateway;
@@ -45,6 +46,7 @@ fn is_retryable(method: &Method, body: &RequestBody) -> bool {
 /// that worker gets Engine.IO's "unknown session" answer, which makes the client reconnect.
 pub async fn forward(
     gw: &Gateway,
+    owned: &OwnedBackend,
     req: Request<Incoming>,
     ctx: &RequestContext,
     path_and_query: Option<PathAndQuery>,
@@ -65,7 +67,7 @@ pub async fn forward(
         mut set_cookie,
         learn_sid,
     } = target;
-    backend_request_head(&mut parts, ctx, &worker.backend, path_and_query)?;
+    backend_request_head(&mut parts, ctx, &worker.backend, path_and_query);
     let idle = gw.config.backend.body_idle_timeout;
     // An Engine.IO polling request of a known session: the chat reader sees its packets.
     let chat_sid = gw
@@ -88,15 +90,12 @@ pub async fn forward(
             Watched::request(incoming, idle, max_body, gw.metrics.request_bytes.clone());
         (RequestBody::Stream { body }, Some(sent))
     };
-    // A bodyless idempotent request keeps a copy of its head, so that a pooled connection
-    // the backend closed at the wrong moment never surfaces as an error.
-    let retry_head = is_retryable(&parts.method, &body).then(|| {
-        let mut copy = Request::new(());
-        *copy.method_mut() = parts.method.clone();
-        *copy.uri_mut() = parts.uri.clone();
-        *copy.headers_mut() = parts.headers.clone();
-        copy
-    });
+    // A bodyless idempotent request may be sent again when its connection fails after it
+    // was written: one idle long enough for the backend's keep-alive timer to close it
+    // under us. Only then is a copy of its head kept: a request on a connection in recent
+    // use (the usual case under load) copies nothing.
+    let retryable = is_retryable(&parts.method, &body);
+    let retry_head = (retryable && !owned.is_hot(&worker.idle)).then(|| copy_head(&parts));
     let deadline = gw.config.backend.wait.map(|wait| Instant::now() + wait);
     let several = gw.workers.several();
     // With several workers, the request counts towards its worker's load until its
@@ -104,54 +103,64 @@ pub async fn forward(
     let mut load = several.then(|| worker.hold_request());
 
     let mut epoch = worker.health.epoch();
-    let mut result = send(gw, Request::from_parts(parts, body), body_sent).await;
+    let mut body_sent = body_sent;
+    let req = Request::from_parts(parts, body);
+    let mut result = send(gw, owned, &worker, req, &mut body_sent, false).await;
     let mut retried = false;
-    loop {
-        let refused = matches!(&result, Err(e) if is_refused_send(e));
-        if refused {
+    let mut resent = false;
+    while let Err(error) = &mut result {
+        let refused = error.is_refused();
+        let again = if refused {
             worker.health.passive_refused();
             if pin == Pin::Session {
                 let sid = query_param(ctx.uri.query(), "sid").unwrap_or_default();
                 gw.workers.sessions.forget(sid);
                 return Ok(unknown_session(sid));
             }
-        }
-        let Some(head) = retry_head.as_ref() else {
-            break;
-        };
-        match &result {
-            Err(_) if refused => {
-                if let Some(other) = gw.workers.fallback(&worker) {
-                    tracing::debug!(
-                        from = worker.index,
-                        to = other.index,
-                        "worker refused: trying another"
-                    );
-                    worker = Arc::clone(other);
+            if !retryable {
+                break;
+            }
+            if let Some(other) = gw.workers.fallback(&worker) {
+                tracing::debug!(
+                    from = worker.index,
+                    to = other.index,
+                    "worker refused: trying another"
+                );
+                worker = Arc::clone(other);
+                set_cookie = true;
+                load = Some(worker.hold_request());
+            } else {
+                // --backend-wait: hold the request while a worker starts.
+                match deadline {
+                    Some(deadline) if wait_for_backend(&worker, deadline).await => {}
+                    _ => break,
+                }
+                let next = gw.workers.least_loaded(None);
+                if next.index != worker.index {
+                    worker = Arc::clone(next);
                     set_cookie = true;
-                    load = Some(worker.hold_request());
-                } else {
-                    // --backend-wait: hold the request while a worker starts.
-                    match deadline {
-                        Some(deadline) if wait_for_backend(&worker, deadline).await => {}
-                        _ => break,
-                    }
-                    let next = gw.workers.least_loaded(None);
-                    if next.index != worker.index {
-                        worker = Arc::clone(next);
-                        set_cookie = true;
-                        load = several.then(|| worker.hold_request());
-                    }
+                    load = several.then(|| worker.hold_request());
                 }
             }
-            Err(e) if !retried && !e.is_connect() => {
-                retried = true;
-                tracing::debug!(error = %e, "retrying on a fresh connection");
-            }
-            _ => break,
-        }
+            // A refused connection never saw the request.
+            error.take_unsent()
+        } else if let Some(req) = error.take_unsent().filter(|_| !resent) {
+            // The connection closed before the request was written (hyper hands it back):
+            // no byte reached the backend, so it goes out on a new connection, any method.
+            resent = true;
+            Some(req)
+        } else if !retried && !error.is_connect() {
+            retried = true;
+            tracing::debug!(error = %error, "retrying on a fresh connection");
+            retry_head.as_ref().map(resend)
+        } else {
+            None
+        };
+        let Some(req) = again else {
+            break;
+        };
         epoch = worker.health.epoch();
-        result = send(gw, resend(head, &worker.backend.url), None).await;
+        result = send(gw, owned, &worker, req, &mut body_sent, !refused).await;
     }
     let response = result.map_err(classify_send)?;
     // Whatever it answered, the backend is there.
@@ -276,24 +285,22 @@ fn polling_notices(gw: &Gateway, sid: &str, headers: &mut http::HeaderMap) -> by
     bytes::Bytes::from(prefix)
 }
 
-/// `head` again, for the worker at `url`.
-fn resend(head: &Request<()>, url: &BackendUrl) -> Request<RequestBody> {
-    let mut req = Request::new(RequestBody::Empty);
-    *req.method_mut() = head.method().clone();
-    *req.uri_mut() = retarget(head.uri(), url);
-    *req.headers_mut() = head.headers().clone();
-    req
+/// A copy of a bodyless request's head, kept for a retry.
+fn copy_head(parts: &http::request::Parts) -> Request<()> {
+    let mut copy = Request::new(());
+    *copy.method_mut() = parts.method.clone();
+    *copy.uri_mut() = parts.uri.clone();
+    *copy.headers_mut() = parts.headers.clone();
+    copy
 }
 
-/// `uri` with the scheme and authority of `url` (a no-op when it already has them).
-fn retarget(uri: &http::Uri, url: &BackendUrl) -> http::Uri {
-    if uri.authority() == Some(&url.authority) {
-        return uri.clone();
-    }
-    let mut parts = uri.clone().into_parts();
-    parts.scheme = Some(url.scheme.clone());
-    parts.authority = Some(url.authority.clone());
-    http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+/// `head` again, to send (bodyless; its URI is in origin form, so any worker takes it).
+fn resend(head: &Request<()>) -> Request<RequestBody> {
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = head.method().clone();
+    *req.uri_mut() = head.uri().clone();
+    *req.headers_mut() = head.headers().clone();
+    req
 }
 
 /// Waits until the probe says `worker` is up, or `deadline`; true if there is time left.
@@ -312,40 +319,112 @@ async fn wait_for_backend(worker: &Worker, deadline: Instant) -> bool {
     Instant::now() < deadline
 }
 
-/// Sends one request. The response-header timeout starts once the request body has been
-/// sent: an upload may take as long as it keeps moving.
+/// Sends one request on the client connection's own backend connection to `worker`
+/// (connecting one when it has none; `fresh`: a new one in any case). The response-header
+/// timeout starts once the request body has been sent: an upload may take as long as it
+/// keeps moving.
 async fn send(
     gw: &Gateway,
+    owned: &OwnedBackend,
+    worker: &Worker,
     req: Request<RequestBody>,
-    body_sent: Option<oneshot::Receiver<()>>,
+    body_sent: &mut Option<oneshot::Receiver<()>>,
+    fresh: bool,
 ) -> Result<Response<Incoming>, SendError> {
-    let timeout = gw.config.backend.response_timeout;
-    let response = gw.client.request(req);
+    let response = match owned.send(&worker.idle, req, fresh, None) {
+        Sent::Sent(response) => response,
+        Sent::NeedsConnection(req) => {
+            let req = *req;
+            let conn = match BackendConn::connect(&worker.backend, &gw.tls).await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    return Err(SendError::Connect {
+                        error,
+                        unsent: Some(req),
+                    });
+                }
+            };
+            match owned.send(&worker.idle, req, fresh, Some(conn)) {
+                Sent::Sent(response) => response,
+                // `send` always takes a connection it is given; this arm only keeps the
+                // types honest.
+                Sent::NeedsConnection(req) => {
+                    let req = *req;
+                    let error = LegError::Failed(ProxyError::BackendConnect(Cause::msg(
+                        "no backend connection",
+                    )));
+                    return Err(SendError::Connect {
+                        error,
+                        unsent: Some(req),
+                    });
+                }
+            }
+        }
+    };
     tokio::pin!(response);
-    if let Some(sent) = body_sent {
+    if let Some(sent) = body_sent.as_mut() {
         tokio::select! {
-            result = &mut response => return result.map_err(SendError::Client),
+            result = &mut response => return result.map_err(SendError::backend),
             _ = sent => {}
         }
+        *body_sent = None;
     }
-    match tokio::time::timeout(timeout, response).await {
-        Ok(result) => result.map_err(SendError::Client),
-        Err(_) => Err(SendError::Timeout(timeout)),
-    }
+    let timeout = gw.config.backend.response_timeout;
+    let mut timer = owned.timer(Instant::now() + timeout);
+    let result = tokio::select! {
+        biased;
+        result = &mut response => result.map_err(SendError::backend),
+        () = timer.as_mut() => Err(SendError::Timeout(timeout)),
+    };
+    owned.put_timer(timer);
+    result
 }
 
-/// A failed send: the client's error, or no response headers in time.
-#[derive(Debug)]
+/// A failed send: no connection, the connection failed (with the request back when none
+/// of it was written), or no response headers in time.
 pub enum SendError {
-    Client(hyper_util::client::legacy::Error),
+    Connect {
+        error: LegError,
+        unsent: Option<Request<RequestBody>>,
+    },
+    Backend {
+        error: hyper::Error,
+        unsent: Option<Request<RequestBody>>,
+    },
     Timeout(Duration),
 }
 
 impl SendError {
+    fn backend(mut error: TrySendError<Request<RequestBody>>) -> SendError {
+        let unsent = error.take_message();
+        SendError::Backend {
+            error: error.into_error(),
+            unsent,
+        }
+    }
+
+    /// Nothing listens at the worker.
+    fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            SendError::Connect {
+                error: LegError::Refused(_),
+                ..
+            }
+        )
+    }
+
+    /// Failed before a connection carried the request, or timed out (never retried: the
+    /// backend may be working on it).
     fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect { .. } | SendError::Timeout(_))
+    }
+
+    /// The request, when no byte of it reached the backend.
+    fn take_unsent(&mut self) -> Option<Request<RequestBody>> {
         match self {
-            SendError::Client(e) => e.is_connect(),
-            SendError::Timeout(_) => true, // never retried: the backend may be working on it
+            SendError::Connect { unsent, .. } | SendError::Backend { unsent, .. } => unsent.take(),
+            SendError::Timeout(_) => None,
         }
     }
 }
@@ -353,24 +432,36 @@ impl SendError {
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SendError::Client(e) => f.write_str(&crate::error::chain(e)),
+            SendError::Connect {
+                error: LegError::Refused(e),
+                ..
+            } => write!(f, "connection refused: {e}"),
+            SendError::Connect {
+                error: LegError::Failed(e),
+                ..
+            } => write!(f, "{e}"),
+            SendError::Backend { error, .. } => f.write_str(&crate::error::chain(error)),
             SendError::Timeout(t) => write!(f, "no response headers within {t:?}"),
         }
     }
 }
 
-fn is_refused_send(err: &SendError) -> bool {
-    matches!(err, SendError::Client(e) if is_refused(e))
-}
-
 fn classify_send(err: SendError) -> ProxyError {
     match err {
-        SendError::Client(e) => {
+        SendError::Connect {
+            error: LegError::Refused(_),
+            ..
+        } => ProxyError::BackendRefused,
+        SendError::Connect {
+            error: LegError::Failed(e),
+            ..
+        } => e,
+        SendError::Backend { error, .. } => {
             // The client's own body failing is the client's fault, not the backend's.
-            match request_body_error(&e) {
+            match request_body_error(&error) {
                 Some(BodyError::TooLarge(limit)) => ProxyError::PayloadTooLarge(*limit),
                 Some(BodyError::IdleTimeout(idle)) => ProxyError::RequestBodyTimeout(*idle),
-                _ => proxy_error(e),
+                _ => ProxyError::BackendReset(Cause::new(error)),
             }
         }
         SendError::Timeout(t) => ProxyError::BackendTimeout(t),
@@ -416,20 +507,6 @@ mod tests {
         assert_eq!(guess_content_type("/project/settings"), None);
         assert_eq!(guess_content_type("/"), None);
         assert_eq!(guess_content_type("/a.b/c"), None);
-    }
-
-    #[test]
-    fn a_resent_request_goes_to_its_new_worker() {
-        let url = crate::config::parse_backend("http://127.0.0.1:8082").unwrap();
-        let uri: http::Uri = "http://127.0.0.1:8081/ws/socket.io/?EIO=4&t=x"
-            .parse()
-            .unwrap();
-        assert_eq!(
-            retarget(&uri, &url).to_string(),
-            "http://127.0.0.1:8082/ws/socket.io/?EIO=4&t=x"
-        );
-        let same: http::Uri = "http://127.0.0.1:8082/".parse().unwrap();
-        assert_eq!(retarget(&same, &url), same);
     }
 
     #[test]

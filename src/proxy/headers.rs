@@ -10,7 +10,6 @@ use ipnet::IpNet;
 
 use super::RequestContext;
 use crate::config::BackendConfig;
-use crate::error::ProxyError;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -26,8 +25,8 @@ const UNTRUSTED_FORWARDING: [&str; 4] = [
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Rewrites a client's request head for the backend: the URI (the backend's scheme and
-/// authority, `path_and_query` or the client's own), HTTP/1.1, hop-by-hop headers stripped,
+/// Rewrites a client's request head for the backend: the URI in origin form
+/// (`path_and_query` or the client's own), HTTP/1.1, hop-by-hop headers stripped,
 /// forwarded headers set from `ctx`, the request id, and `Host` (`--backend-host`, else the
 /// client's, else the backend's authority).
 pub fn backend_request_head(
@@ -35,7 +34,7 @@ pub fn backend_request_head(
     ctx: &RequestContext,
     backend: &BackendConfig,
     path_and_query: Option<PathAndQuery>,
-) -> Result<(), ProxyError> {
+) {
     let path_and_query = match path_and_query {
         Some(pq) => pq,
         None => parts
@@ -44,12 +43,9 @@ pub fn backend_request_head(
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     };
-    parts.uri = Uri::builder()
-        .scheme(backend.url.scheme.clone())
-        .authority(backend.url.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ProxyError::BadRequest("unusable request target"))?;
+    // Origin form (RFC 9112 §3.2.1): what goes on the wire to an origin server; the
+    // connection already names the worker.
+    parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
@@ -62,7 +58,6 @@ pub fn backend_request_head(
             headers.insert(header::HOST, host);
         }
     }
-    Ok(())
 }
 
 /// Removes hop-by-hop fields, RFC 9110 §7.6.1: "Intermediaries MUST parse a received
@@ -354,7 +349,7 @@ mod tests {
                 trusted: false,
                 settings: &[],
                 mapped: None,
-                uri: "http://127.0.0.1:8080/a?b=1",
+                uri: "/a?b=1",
                 expect: &[
                     ("host", Some("chat.example")),
                     ("x-forwarded-for", Some("192.0.2.7")),
@@ -380,7 +375,7 @@ mod tests {
                 trusted: true,
                 settings: &[],
                 mapped: None,
-                uri: "http://127.0.0.1:8080/",
+                uri: "/",
                 expect: &[
                     ("x-forwarded-for", Some("203.0.113.9, 10.0.0.2")),
                     ("x-forwarded-proto", Some("https")),
@@ -400,7 +395,7 @@ mod tests {
                     "app.internal",
                 ],
                 mapped: Some("/ws/socket.io/?EIO=4"),
-                uri: "https://app.internal:8443/ws/socket.io/?EIO=4",
+                uri: "/ws/socket.io/?EIO=4",
                 expect: &[("host", Some("app.internal"))],
             },
             HeadCase {
@@ -411,7 +406,7 @@ mod tests {
                 trusted: false,
                 settings: &[],
                 mapped: None,
-                uri: "http://127.0.0.1:8080/",
+                uri: "/",
                 expect: &[("host", Some("127.0.0.1:8080"))],
             },
         ];
@@ -431,7 +426,7 @@ mod tests {
                 upgrade: false,
             };
             let mapped = case.mapped.map(|m| PathAndQuery::try_from(m).unwrap());
-            backend_request_head(&mut parts, &ctx, &backend(case.settings), mapped).unwrap();
+            backend_request_head(&mut parts, &ctx, &backend(case.settings), mapped);
             assert_eq!(parts.uri, case.uri, "{}", case.name);
             assert_eq!(parts.version, http::Version::HTTP_11, "{}", case.name);
             for (name, value) in case.expect {

@@ -30,6 +30,7 @@ const TARGETS: &[(&str, &str)] = &[
     ("direct", "direct"),
     ("chatgate", "chatgate"),
     ("chatgate-warn", "chatgate `RUST_LOG=warn`"),
+    ("chatgate-before", "chatgate before (`BEFORE_BIN`)"),
     ("nginx", "nginx"),
     ("haproxy", "HAProxy"),
 ];

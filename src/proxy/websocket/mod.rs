@@ -103,7 +103,7 @@ pub async fn relay(
         }
     };
     let backend = &worker.backend;
-    backend_request_head(&mut parts, ctx, backend, path_and_query)?;
+    backend_request_head(&mut parts, ctx, backend, path_and_query);
     let ws_scheme = if backend.url.is_https() { "wss" } else { "ws" };
     let backend_uri = Uri::builder()
         .scheme(ws_scheme)
