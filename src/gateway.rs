@@ -163,7 +163,7 @@ async fn dispatch(
                 location,
             ))
         }
-        Route::AuthConfig => auth_config(gw, owned, req, ctx, engineio).await,
+        Route::AuthConfig => Box::pin(auth_config(gw, owned, req, ctx, engineio)).await,
         Route::SocketIo { rest } => {
             let mut path = socketio_backend_path(&gw.config.routes.socketio_path, rest);
             if let Some(query) = ctx.uri.query() {
@@ -199,9 +199,30 @@ async fn to_backend(
     // Also when the cookie is only re-pointed later (the worker refused).
     let secure = gw.workers.several() && came_over_https(req.headers(), ctx);
     if ctx.upgrade {
-        return websocket::relay(gw, req, ctx, path_and_query, target, secure).await;
+        // Boxed: the relay's handshake future is large, and inline it would make every
+        // request's future (moved into hyper's dispatcher per request) as large.
+        return Box::pin(websocket::relay(
+            gw,
+            req,
+            ctx,
+            path_and_query,
+            target,
+            secure,
+        ))
+        .await;
     }
-    forward::forward(gw, owned, req, ctx, path_and_query, target, secure).await
+    // Boxed: one allocation, where inline the forwarder's large future would be copied into
+    // every layer above it (and into hyper's dispatcher) on every request.
+    Box::pin(forward::forward(
+        gw,
+        owned,
+        req,
+        ctx,
+        path_and_query,
+        target,
+        secure,
+    ))
+    .await
 }
 
 /// Whether the client reached us over https: chatgate itself speaks plain HTTP, so only a
@@ -395,5 +416,25 @@ mod tests {
             RouteClass::WebSocket
         );
         assert_eq!(route_class(Route::Backend, false), RouteClass::Backend);
+    }
+}
+
+#[cfg(test)]
+mod future_size {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, B, C, D, R>(_f: impl Fn(A, B, C, D) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn a_request_future_stays_small() {
+        // hyper moves each request's future into its dispatcher, and each layer's future
+        // is copied into its caller's: a large one inline costs a large memcpy per
+        // request (bench/NOTES.md). The forwarder, the relay and the rare paths are boxed;
+        // this was 8,400 bytes before they were.
+        let size = returned_size(handle);
+        assert!(size <= 3 * 1024, "handle's future is {size} bytes");
     }
 }

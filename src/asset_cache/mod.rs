@@ -255,7 +255,11 @@ impl AssetCache {
         let head = req.method() == Method::HEAD;
         match shared.lookup(req.uri().path(), head) {
             Lookup::Fresh(asset) => Ok(shared.answer(&asset, req.headers(), head)),
-            Lookup::Check(asset, check) => shared.revalidate(req, asset, check, fetch).await,
+            // Boxed (rare: a miss or a re-check): inline, these futures would make every
+            // proxied request's future larger, and hyper moves it into place per request.
+            Lookup::Check(asset, check) => {
+                Box::pin(shared.revalidate(req, asset, check, fetch)).await
+            }
             Lookup::Wait(flight) => {
                 shared.metrics.coalesced.increment(1);
                 match wait(flight).await {
@@ -266,7 +270,7 @@ impl AssetCache {
                     }
                 }
             }
-            Lookup::Fill(flight) => shared.fill(req, flight, fetch).await,
+            Lookup::Fill(flight) => Box::pin(shared.fill(req, flight, fetch)).await,
             Lookup::Pass => {
                 shared.metrics.misses.increment(1);
                 fetch(req).await

@@ -80,7 +80,7 @@ pub async fn forward(
     } else if let Some(sid) = chat_sid.filter(|_| {
         parts.method == Method::POST && declared > 0 && declared <= MAX_SCREENED_BODY as u64
     }) {
-        let data = screen_polling_post(gw, sid, incoming, idle, max_body).await?;
+        let data = Box::pin(screen_polling_post(gw, sid, incoming, idle, max_body)).await?;
         if let Ok(length) = HeaderValue::try_from(data.len().to_string()) {
             parts.headers.insert(header::CONTENT_LENGTH, length);
         }
@@ -132,7 +132,7 @@ pub async fn forward(
             } else {
                 // --backend-wait: hold the request while a worker starts.
                 match deadline {
-                    Some(deadline) if wait_for_backend(&worker, deadline).await => {}
+                    Some(deadline) if Box::pin(wait_for_backend(&worker, deadline)).await => {}
                     _ => break,
                 }
                 let next = gw.workers.least_loaded(None);
@@ -335,7 +335,9 @@ async fn send(
         Sent::Sent(response) => response,
         Sent::NeedsConnection(req) => {
             let req = *req;
-            let conn = match BackendConn::connect(&worker.backend, &gw.tls).await {
+            // Boxed, like the other rare steps below: inline, their large futures would
+            // grow every request's future, which hyper moves into place per request.
+            let conn = match Box::pin(BackendConn::connect(&worker.backend, &gw.tls)).await {
                 Ok(conn) => conn,
                 Err(error) => {
                     return Err(SendError::Connect {
