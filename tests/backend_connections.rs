@@ -25,6 +25,8 @@ enum Then {
     Close,
     /// Read the next request whole, then close without answering.
     ReadAndClose,
+    /// Take this long over each later answer.
+    Slow(Duration),
 }
 
 /// A keep-alive backend that counts its connections. Its first connection answers
@@ -49,6 +51,11 @@ async fn counting_backend(answered: usize, then: Then) -> (SocketAddr, Arc<Atomi
                     return;
                 }
                 drain_body(&mut stream, &head).await;
+                if let (1, Then::Slow(pause)) = (n, then) {
+                    if served >= answered {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
                 let body = format!("conn-{n}");
                 let answer = format!(
                     "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
@@ -58,9 +65,10 @@ async fn counting_backend(answered: usize, then: Then) -> (SocketAddr, Arc<Atomi
                     return;
                 }
                 served += 1;
-                if n == 1 && served == answered {
+                if n == 1 && served >= answered {
                     match then {
                         Then::KeepAlive => {}
+                        Then::Slow(_) => {}
                         Then::Close => return,
                         Then::ReadAndClose => {
                             let head = read_head(&mut stream).await;
@@ -216,4 +224,78 @@ async fn a_get_on_a_stale_connection_is_retried_and_a_post_is_not() {
         }
         proxy.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn a_connection_stays_fresh_after_an_answer_slower_than_the_idle_timeout() {
+    // Idle time counts from the end of an exchange: a long-poll or a streamed answer must
+    // not make the connection look stale (and open a new one per poll).
+    let (backend, accepted) = counting_backend(1, Then::Slow(Duration::from_millis(1500))).await;
+    let proxy = Proxy::start(backend, &["--pool-idle-timeout", "1"]).await;
+    let mut c = client(proxy.addr).await;
+    assert_eq!(
+        exchange(&mut c, proxy.addr, "GET", "").await,
+        (200, "conn-1".into())
+    );
+    assert_eq!(
+        exchange(&mut c, proxy.addr, "GET", "").await,
+        (200, "conn-1".into())
+    );
+    assert_eq!(
+        exchange(&mut c, proxy.addr, "GET", "").await,
+        (200, "conn-1".into())
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_connect_is_tried_once() {
+    // An https:// backend that drops every connection: the TLS handshake fails. That is
+    // a 502 after one attempt, not two (a struggling backend gets no extra connects).
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    let (addr, task) = raw_backend(move |stream| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move { drop(stream) }
+    })
+    .await;
+    drop(task);
+    let url = format!("https://{addr}");
+    let cli = chatgate::config::Cli::parse_with(
+        [
+            "chatgate",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            url.as_str(),
+            "--health-interval",
+            "3600",
+            "--log-format",
+            "text",
+        ],
+        |_| None,
+    )
+    .unwrap();
+    let config = chatgate::config::Config::from_settings(&cli.settings).unwrap();
+    let proxy = Proxy::start_with(config).await;
+    // The first health probe may still be connecting: count from when it is done.
+    eventually("the first probe has connected", async || {
+        accepted.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let before = accepted.load(Ordering::SeqCst);
+    for method in ["GET", "POST"] {
+        let mut c = client(proxy.addr).await;
+        let (status, _) = exchange(&mut c, proxy.addr, method, "").await;
+        assert_eq!(status, 502, "{method}");
+    }
+    // Two requests, one connect each; a quick health probe (the backend looks down) may
+    // land in between. Tried twice each would be four.
+    let connects = accepted.load(Ordering::SeqCst) - before;
+    assert!(
+        (2..=3).contains(&connects),
+        "{connects} connects for 2 requests"
+    );
+    proxy.shutdown().await;
 }

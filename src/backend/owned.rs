@@ -33,17 +33,14 @@ use crate::config::BackendConfig;
 
 type Driver = Connection<TokioIo<BackendStream>, RequestBody>;
 
-/// How long a connection may have been idle and still count as safe from the backend's
-/// keep-alive timer (uvicorn closes after 5 s, gunicorn after 2 s): a request sent on one
-/// idle for longer keeps a copy of its head for a retry (see `proxy/forward.rs`).
-pub const HOT: Duration = Duration::from_secs(1);
-
 /// One keep-alive HTTP/1.1 connection to a worker.
 pub struct BackendConn {
     sender: SendRequest<RequestBody>,
     driver: Pin<Box<Driver>>,
-    /// When a request was last sent on it: an upper bound of how long it has been idle.
-    last_used: Instant,
+    /// Since when it has been idle (set when an exchange ends, see `poll_drive`).
+    idle_since: Instant,
+    /// An exchange is under way (sent, and the connection not yet ready for the next).
+    in_flight: bool,
 }
 
 impl BackendConn {
@@ -64,13 +61,14 @@ impl BackendConn {
         Ok(BackendConn {
             sender,
             driver: Box::pin(driver),
-            last_used: Instant::now(),
+            idle_since: Instant::now(),
+            in_flight: false,
         })
     }
 
     /// Idle (no exchange in progress), open, and not idle for longer than `max_idle`.
     fn is_reusable(&self, max_idle: Duration) -> bool {
-        self.sender.is_ready() && self.last_used.elapsed() < max_idle
+        self.sender.is_ready() && self.idle_since.elapsed() < max_idle
     }
 
     /// Not idle and not closed: a response is still on its way over it.
@@ -182,17 +180,6 @@ impl OwnedBackend {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether a request to `home`'s worker would go out on a connection in recent use
-    /// (see [`HOT`]), so that no keep-alive timer can have closed it.
-    pub fn is_hot(&self, home: &Arc<IdleConnections>) -> bool {
-        let slot = self.lock();
-        slot.conn.as_ref().is_some_and(|bound| {
-            Arc::ptr_eq(&bound.home, home)
-                && bound.conn.sender.is_ready()
-                && bound.conn.last_used.elapsed() < HOT
-        })
-    }
-
     /// Sends `req` to `home`'s worker: on `connected` when given (it becomes this client
     /// connection's), else on the connection held for that worker, else on an idle one of
     /// the worker's; `fresh` skips both (a retry after a failure).
@@ -239,7 +226,7 @@ impl OwnedBackend {
         let Some(bound) = slot.conn.as_mut() else {
             return Sent::NeedsConnection(Box::new(req));
         };
-        bound.conn.last_used = Instant::now();
+        bound.conn.in_flight = true;
         Sent::Sent(bound.conn.sender.try_send_request(req))
     }
 
@@ -274,6 +261,11 @@ impl OwnedBackend {
                     tracing::debug!(error = %e, "backend connection ended with an error");
                 }
                 slot.conn = None;
+            } else if bound.conn.in_flight && bound.conn.sender.is_ready() {
+                // The exchange is over: idle from now (a long answer, a 25 s long-poll,
+                // must not make a fresh connection look stale).
+                bound.conn.in_flight = false;
+                bound.conn.idle_since = Instant::now();
             }
         }
         Poll::Pending

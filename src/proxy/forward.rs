@@ -90,12 +90,12 @@ pub async fn forward(
             Watched::request(incoming, idle, max_body, gw.metrics.request_bytes.clone());
         (RequestBody::Stream { body }, Some(sent))
     };
-    // A bodyless idempotent request may be sent again when its connection fails after it
-    // was written: one idle long enough for the backend's keep-alive timer to close it
-    // under us. Only then is a copy of its head kept: a request on a connection in recent
-    // use (the usual case under load) copies nothing.
+    // A bodyless idempotent request keeps a copy of its head, so that a connection the
+    // backend closed after the request was written (a keep-alive timer firing, a worker
+    // recycled or dying) never surfaces as an error: it is sent once more, and moves to
+    // another worker if this one is gone. A request handed back unsent needs no copy.
     let retryable = is_retryable(&parts.method, &body);
-    let retry_head = (retryable && !owned.is_hot(&worker.idle)).then(|| copy_head(&parts));
+    let retry_head = retryable.then(|| copy_head(&parts));
     let deadline = gw.config.backend.wait.map(|wait| Instant::now() + wait);
     let several = gw.workers.several();
     // With several workers, the request counts towards its worker's load until its
@@ -144,7 +144,7 @@ pub async fn forward(
             }
             // A refused connection never saw the request.
             error.take_unsent()
-        } else if let Some(req) = error.take_unsent().filter(|_| !resent) {
+        } else if let Some(req) = error.take_backend_unsent().filter(|_| !resent) {
             // The connection closed before the request was written (hyper hands it back):
             // no byte reached the backend, so it goes out on a new connection, any method.
             resent = true;
@@ -420,6 +420,15 @@ impl SendError {
     /// backend may be working on it).
     fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect { .. } | SendError::Timeout(_))
+    }
+
+    /// The request, when a connection was there and handed it back unwritten (it had
+    /// been closed): worth sending again. A failed connect is not (see `is_connect`).
+    fn take_backend_unsent(&mut self) -> Option<Request<RequestBody>> {
+        match self {
+            SendError::Backend { unsent, .. } => unsent.take(),
+            _ => None,
+        }
     }
 
     /// The request, when no byte of it reached the backend.
