@@ -365,18 +365,20 @@ where
     })
     .await;
 
+    // Each way of closing is boxed: it runs once, at the end, and inline its futures
+    // would be part of every idle relay's memory for its whole life.
     match event {
         Event::Shutdown => {
             stats.closed_by = "proxy";
             stats.close_code = Some(1001);
             let frame = close_frame(CloseCode::Away, "server shutting down");
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, async {
                 let _ = tokio::join!(
                     client.close(Some(frame.clone())),
                     backend.close(Some(frame))
                 );
                 let _ = tokio::join!(drain(&mut client), drain(&mut backend));
-            })
+            }))
             .await;
         }
         Event::PingTimeout => {
@@ -384,12 +386,12 @@ where
             stats.close_code = Some(1001);
             stats.error = Some("client did not answer a ping".into());
             let frame = close_frame(CloseCode::Away, "ping timeout");
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, async {
                 let _ = tokio::join!(
                     client.close(Some(frame.clone())),
                     backend.close(Some(frame))
                 );
-            })
+            }))
             .await;
         }
         Event::WriteStalled => {
@@ -403,23 +405,26 @@ where
             ));
             let frame = close_frame(CloseCode::Away, "client stopped reading");
             let backend_frame = frame.clone();
-            let _ = tokio::join!(
-                tokio::time::timeout(CLOSE_TIMEOUT, async {
-                    let _ = backend.close(Some(backend_frame)).await;
-                    drain(&mut backend).await;
-                }),
-                // The client has taken nothing for a whole timeout: one short try to queue
-                // the Close, then its connection is dropped.
-                tokio::time::timeout(STALLED_CLOSE_ATTEMPT, client.close(Some(frame))),
-            );
+            let _ = Box::pin(async {
+                tokio::join!(
+                    tokio::time::timeout(CLOSE_TIMEOUT, async {
+                        let _ = backend.close(Some(backend_frame)).await;
+                        drain(&mut backend).await;
+                    }),
+                    // The client has taken nothing for a whole timeout: one short try to
+                    // queue the Close, then its connection is dropped.
+                    tokio::time::timeout(STALLED_CLOSE_ATTEMPT, client.close(Some(frame))),
+                )
+            })
+            .await;
         }
         Event::Client(end) => {
             stats.closed_by = "client";
-            finish(end, &mut client, &mut backend, &mut stats).await;
+            Box::pin(finish(end, &mut client, &mut backend, &mut stats)).await;
         }
         Event::Backend(end) => {
             stats.closed_by = "backend";
-            finish(end, &mut backend, &mut client, &mut stats).await;
+            Box::pin(finish(end, &mut backend, &mut client, &mut stats)).await;
         }
     }
     report(settings, &c2b, &b2c, &mut reported);
