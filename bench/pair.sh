@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Paired A/B of proxy commands on GET 2 KiB (bench/NOTES.md, issue 12): each round starts every
+# command fresh on PROXY_CPUS, loads it with wrk from LOAD_CPUS and reports CPU per request
+# (user and sys from /proc/PID/stat). Rounds alternate, so machine drift hits all alike.
+#
+#   bench/pair.sh ROUNDS 'name=command with @PORT@ and @BACKEND@' ...
+#   bench/pair.sh 5 "new=target/release/chatgate --listen 127.0.0.1:@PORT@ --backend http://@BACKEND@" \
+#                   "floor=target/release/hyper-floor --listen 127.0.0.1:@PORT@ --backend @BACKEND@" nginx
+#
+# `nginx` alone is nginx from bench/conf/nginx.conf.in as one process (one worker, no master).
+# Knobs: DUR=3 seconds per measured run, PROXY_CPUS=1, LOAD_CPUS=0, PORT_BASE=19100.
+# Needs a release build of the bench tools (cargo build --release -p chatgate-bench) and wrk.
+set -euo pipefail
+
+ROUNDS=$1
+shift
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+DUR=${DUR:-3}
+PROXY_CPUS=${PROXY_CPUS:-1}
+LOAD_CPUS=${LOAD_CPUS:-0}
+port=${PORT_BASE:-19100}
+BACKEND=127.0.0.1:$((port - 20))
+WORK=$(mktemp -d /tmp/chatgate-pair.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+taskset -c "$LOAD_CPUS" "$BIN/bench-backend" --listen "$BACKEND" >/dev/null 2>&1 &
+PIDS+=($!)
+
+start_nginx() {
+    local dir=$WORK/nginx-$1
+    mkdir -p "$dir/logs"
+    sed -e "s#@PREFIX@#$dir#g" -e "s/@PORT@/$1/g" -e "s/@BACKEND_PORT@/${BACKEND##*:}/g" \
+        -e "s/@WORKER_CONNECTIONS@/4096/g" -e "s/@WORKER_PROCESSES@/1/g" -e "s/@RLIMIT_NOFILE@/8192/g" \
+        "$ROOT/bench/conf/nginx.conf.in" >"$dir/nginx.conf"
+    exec taskset -c "$PROXY_CPUS" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" \
+        -g 'daemon off; master_process off;'
+}
+
+cpu() { awk '{print $14, $15}' "/proc/$1/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+for round in $(seq 1 "$ROUNDS"); do
+    for spec in "$@"; do
+        port=$((port + 1))
+        if [[ $spec == nginx ]]; then
+            name=nginx
+            start_nginx "$port" >"$WORK/$port.log" 2>&1 &
+        else
+            name=${spec%%=*}
+            cmd=${spec#*=}
+            cmd=${cmd//@PORT@/$port}
+            cmd=${cmd//@BACKEND@/$BACKEND}
+            # The command is split into words on purpose.
+            # shellcheck disable=SC2086
+            taskset -c "$PROXY_CPUS" $cmd >"$WORK/$port.log" 2>&1 &
+        fi
+        pid=$!
+        PIDS+=("$pid")
+        for _ in $(seq 1 100); do
+            curl -s -o /dev/null "http://127.0.0.1:$port/page" && break
+            sleep 0.05
+        done
+        taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d1s "http://127.0.0.1:$port/page" >/dev/null
+        read -r u0 s0 < <(cpu "$pid")
+        out=$(taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d"${DUR}s" "http://127.0.0.1:$port/page")
+        read -r u1 s1 < <(cpu "$pid")
+        requests=$(awk '/requests in/ {print $1}' <<<"$out")
+        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+        awk -v n="$name" -v r="$round" -v rps="$rps" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v q="$requests" -v t="$TICK_US" \
+            'BEGIN { printf "%-14s round %d: %8.0f req/s  user %5.2f  sys %5.2f  total %5.2f us/req\n", n, r, rps, u * t / q, s * t / q, (u + s) * t / q }'
+        kill "$pid"
+        wait "$pid" 2>/dev/null || true
+    done
+done
