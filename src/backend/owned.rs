@@ -66,6 +66,15 @@ impl BackendConn {
         })
     }
 
+    /// Notes the end of an exchange: idle from now (a long answer, a 25 s long-poll, must
+    /// not make a fresh connection look stale).
+    fn settle(&mut self) {
+        if self.in_flight && self.sender.is_ready() {
+            self.in_flight = false;
+            self.idle_since = Instant::now();
+        }
+    }
+
     /// Idle (no exchange in progress), open, and not idle for longer than `max_idle`.
     fn is_reusable(&self, max_idle: Duration) -> bool {
         self.sender.is_ready() && self.idle_since.elapsed() < max_idle
@@ -126,7 +135,8 @@ impl IdleConnections {
         None
     }
 
-    fn park(&self, conn: BackendConn) {
+    fn park(&self, mut conn: BackendConn) {
+        conn.settle();
         if conn.is_reusable(self.max_idle) {
             let mut list = self.lock();
             if list.len() < self.capacity {
@@ -165,6 +175,18 @@ struct Bound {
     home: Arc<IdleConnections>,
 }
 
+impl Bound {
+    /// Lets go of the connection: an idle one goes back to its worker's list, a busy one
+    /// finishes on its own, a closed or stale one is dropped.
+    fn release(self) {
+        if self.conn.is_busy() {
+            self.conn.detach();
+        } else {
+            self.home.park(self.conn);
+        }
+    }
+}
+
 /// What became of a request handed to [`OwnedBackend::send`].
 pub enum Sent<F> {
     /// On its way: the response.
@@ -199,14 +221,8 @@ impl OwnedBackend {
             !fresh && Arc::ptr_eq(&bound.home, home) && bound.conn.is_reusable(home.max_idle)
         });
         if !usable || connected.is_some() {
-            // Another worker's connection goes back to its list; a busy one finishes on its
-            // own; a closed or stale one is dropped.
             if let Some(old) = slot.conn.take() {
-                if old.conn.is_busy() {
-                    old.conn.detach();
-                } else {
-                    old.home.park(old.conn);
-                }
+                old.release();
             }
             let next = match connected {
                 Some(conn) => Some(conn),
@@ -261,11 +277,8 @@ impl OwnedBackend {
                     tracing::debug!(error = %e, "backend connection ended with an error");
                 }
                 slot.conn = None;
-            } else if bound.conn.in_flight && bound.conn.sender.is_ready() {
-                // The exchange is over: idle from now (a long answer, a 25 s long-poll,
-                // must not make a fresh connection look stale).
-                bound.conn.in_flight = false;
-                bound.conn.idle_since = Instant::now();
+            } else {
+                bound.conn.settle();
             }
         }
         Poll::Pending
@@ -277,11 +290,7 @@ impl Drop for OwnedBackend {
     fn drop(&mut self) {
         let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
         if let Some(bound) = slot.conn.take() {
-            if bound.conn.is_busy() {
-                bound.conn.detach();
-            } else {
-                bound.home.park(bound.conn);
-            }
+            bound.release();
         }
     }
 }
