@@ -8,7 +8,9 @@
 #                   "floor=target/release/hyper-floor --listen 127.0.0.1:@PORT@ --backend @BACKEND@" nginx
 #
 # `nginx` alone is nginx from bench/conf/nginx.conf.in as one process (one worker, no master).
-# Knobs: DUR=3 seconds per measured run, PROXY_CPUS=1, LOAD_CPUS=0, PORT_BASE=19100.
+# Knobs: DUR=3 seconds per measured run, PROXY_CPUS=1, LOAD_CPUS=0, PORT_BASE=19100,
+# COUNT=1 to add the proxy's syscalls and context switches per request (perf stat; steadier
+# than CPU time on a noisy machine).
 # Needs a release build of the bench tools (cargo build --release -p chatgate-bench) and wrk.
 set -euo pipefail
 
@@ -67,13 +69,25 @@ for round in $(seq 1 "$ROUNDS"); do
             sleep 0.05
         done
         taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d1s "http://127.0.0.1:$port/page" >/dev/null
+        if [[ ${COUNT:-0} == 1 ]]; then
+            perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$WORK/perf" &
+            perf_pid=$!
+            sleep 0.1
+        fi
         read -r u0 s0 < <(cpu "$pid")
         out=$(taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d"${DUR}s" "http://127.0.0.1:$port/page")
         read -r u1 s1 < <(cpu "$pid")
+        counts=""
+        if [[ ${COUNT:-0} == 1 ]]; then
+            kill -INT "$perf_pid"
+            wait "$perf_pid" 2>/dev/null || true
+            counts=$(awk -F, -v q="$(awk '/requests in/ {print $1}' <<<"$out")" \
+                '/sys_enter/ {s = $1} /context-switches/ {c = $1} END {printf "  syscalls %.2f  switches %.3f /req", s / q, c / q}' "$WORK/perf")
+        fi
         requests=$(awk '/requests in/ {print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
         awk -v n="$name" -v r="$round" -v rps="$rps" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v q="$requests" -v t="$TICK_US" \
-            'BEGIN { printf "%-14s round %d: %8.0f req/s  user %5.2f  sys %5.2f  total %5.2f us/req\n", n, r, rps, u * t / q, s * t / q, (u + s) * t / q }'
+            -v c="$counts" 'BEGIN { printf "%-14s round %d: %8.0f req/s  user %5.2f  sys %5.2f  total %5.2f us/req%s\n", n, r, rps, u * t / q, s * t / q, (u + s) * t / q, c }'
         kill "$pid"
         wait "$pid" 2>/dev/null || true
     done

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind (bench/NOTES.md, issue
+# 12): deterministic where CPU time on a shared machine is not, so it settles A/B questions
+# of a few percent. User-space instructions only; syscalls are counted by pair.sh COUNT=1.
+#
+#   bench/instructions.sh 'command with @PORT@ and @BACKEND@' [callgrind_annotate options]
+#   bench/instructions.sh "target/release/chatgate --listen 127.0.0.1:@PORT@ --backend http://@BACKEND@ --admin-listen off"
+#
+# The proxy runs under callgrind on one CPU (so chatgate picks its current-thread runtime),
+# is warmed up, then its counters are zeroed, loaded with wrk (8 connections, GET 2 KiB) for
+# DUR seconds and dumped. Prints Ir per request, then the top functions (inclusive) when the
+# binary has symbols. Knobs: DUR=10, PORT_BASE=19480, KEEP=FILE to keep the callgrind dump.
+# Needs valgrind, wrk and a release build of bench-backend.
+set -euo pipefail
+
+COMMAND=$1
+shift
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+DUR=${DUR:-10}
+port=${PORT_BASE:-19480}
+WORK=$(mktemp -d /tmp/chatgate-instr.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    if [[ -n ${KEEP:-} ]]; then cp "$WORK"/out.* "$KEEP"; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+taskset -c 0 "$BIN/bench-backend" --listen "127.0.0.1:$port" >/dev/null 2>&1 &
+PIDS+=($!)
+cmd=${COMMAND//@PORT@/$((port + 1))}
+cmd=${cmd//@BACKEND@/127.0.0.1:$port}
+# The command is split into words on purpose.
+# shellcheck disable=SC2086
+taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$WORK/out" $cmd >"$WORK/log" 2>"$WORK/valgrind" &
+pid=$!
+PIDS+=("$pid")
+url=http://127.0.0.1:$((port + 1))/page
+for _ in $(seq 1 200); do
+    curl -s -o /dev/null "$url" && break
+    sleep 0.1
+done
+taskset -c 0 wrk -t1 -c8 -d2s "$url" >/dev/null
+callgrind_control -z "$pid" >/dev/null
+out=$(taskset -c 0 wrk -t1 -c8 -d"${DUR}s" "$url")
+callgrind_control -d "$pid" >/dev/null
+requests=$(awk '/requests in/ {print $1}' <<<"$out")
+dump=$(find "$WORK" -name 'out.*' | sort | tail -1)
+total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+awk -v t="$total" -v q="$requests" 'BEGIN { printf "%d requests, %.0f instructions per request\n", q, t / q }'
+callgrind_annotate --inclusive=yes "$@" "$dump" 2>/dev/null | sed -n '/file:function/,$p' | head -60
