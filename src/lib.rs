@@ -13,7 +13,8 @@
 //!   static files from memory; the pipeline hands it the forwarder), `limits`, `telemetry`,
 //!   `body`, `error`, `responses`, `proxy::headers` (pure functions over the request's
 //!   `RequestContext`, defined in `proxy/mod.rs`), and the leaves `config`, `routes`,
-//!   `metrics`, `asset_cache::{negotiate, policy}`, `client_io`.
+//!   `metrics`, `asset_cache::{negotiate, policy}`, `client_io`, `ascii` (hot-path
+//!   formatting).
 
 pub mod asset_cache;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod shutdown;
 pub mod telemetry;
 
 mod admin;
+mod ascii;
 mod backend;
 mod body;
 mod chat;

@@ -99,7 +99,13 @@ async fn serve(config: Config) -> ExitCode {
             }
         },
     };
-    let _log_guard = chatgate::telemetry::init(config.server.log_format);
+    let _log_guard = match chatgate::telemetry::init(config.server.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("chatgate: cannot start the log writer thread: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Each relayed WebSocket holds two descriptors: take all the kernel allows.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::info!(limit, "open-file limit"),

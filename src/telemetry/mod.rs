@@ -1,32 +1,27 @@
-//! Logging: JSON lines (or text on a terminal) through a non-blocking writer, and the one
-//! access line per request, written when its response body is finished or dropped.
+//! Logging: JSON lines (or text on a terminal) through a batching writer (`writer.rs`), and
+//! the one access line per request, written when its response body is finished or dropped.
+
+mod writer;
 
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write as _};
+use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
 use http::{HeaderValue, Method, Uri};
 use tokio::time::Instant;
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
+use crate::ascii;
 use crate::config::LogFormat;
+pub use writer::FlushGuard;
+use writer::LogWriter;
 
-/// Lines the log writer holds before it drops new ones rather than block a request.
-const BUFFERED_LINES: usize = 16_384;
-
-/// Installs the global subscriber. The returned guard flushes buffered lines when dropped:
-/// keep it alive in `main`. The writer drops lines rather than block a request when full.
-pub fn init(format: LogFormat) -> WorkerGuard {
-    // The writer thread flushes whenever its queue runs dry, so a buffer batches the lines
-    // of a busy moment into one write without delaying a quiet one (stdout alone is line
-    // buffered: one write syscall per request).
-    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(BUFFERED_LINES)
-        .lossy(true)
-        .finish(stdout);
+/// Installs the global subscriber. The returned guard writes what is buffered when dropped:
+/// keep it alive in `main`. The writer drops lines rather than block a request when stdout
+/// stalls.
+pub fn init(format: LogFormat) -> std::io::Result<FlushGuard> {
+    let (writer, guard) = writer::spawn(std::io::stdout())?;
     let access_writer = writer.clone();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match format {
@@ -50,11 +45,18 @@ pub fn init(format: LogFormat) -> WorkerGuard {
     } else {
         builder.with_ansi(std::io::stdout().is_terminal()).init();
     }
-    guard
+    Ok(guard)
 }
 
 /// Set when logs are JSON lines: where the access lines go directly.
-static ACCESS_WRITER: OnceLock<NonBlocking> = OnceLock::new();
+static ACCESS_WRITER: OnceLock<LogWriter> = OnceLock::new();
+
+thread_local! {
+    /// The buffer each thread formats its access lines in, kept between requests.
+    static ACCESS_LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
+    /// Each thread's timestamp text up to the second.
+    static CLOCK: std::cell::RefCell<ascii::Rfc3339Clock> = std::cell::RefCell::default();
+}
 
 /// Appends `value` to `line` as a JSON string (quoted and escaped).
 fn push_json_str(line: &mut String, value: &str) {
@@ -103,42 +105,59 @@ impl AccessLog {
 
 impl AccessLog {
     /// The access line as tracing's JSON layer would write it, built in one buffer.
-    fn write_json(&self, writer: &NonBlocking, duration_ms: f64, request_id: &str, error: &str) {
-        let line = self.json_line(duration_ms, request_id, error);
-        let _ = writer.clone().write_all(line.as_bytes());
+    fn write_json(&self, writer: &LogWriter, duration_ms: f64, request_id: &str, error: &str) {
+        ACCESS_LINE.with_borrow_mut(|line| {
+            line.clear();
+            self.json_line(line, duration_ms, request_id, error);
+            writer.append(line.as_bytes());
+            // One odd line (a huge error text) should not keep its size for the thread's life.
+            line.shrink_to(4096);
+        });
     }
 
-    fn json_line(&self, duration_ms: f64, request_id: &str, error: &str) -> String {
-        let mut line = String::with_capacity(320);
-        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
-        let level = if self.probe { "DEBUG" } else { "INFO" };
-        let _ = write!(
-            line,
-            "{{\"timestamp\":\"{now}\",\"level\":\"{level}\",\"message\":\"request\",\"method\":"
-        );
-        push_json_str(&mut line, self.method.as_str());
+    fn json_line(&self, line: &mut String, duration_ms: f64, request_id: &str, error: &str) {
+        line.push_str("{\"timestamp\":\"");
+        CLOCK.with_borrow_mut(|clock| clock.push(line, std::time::SystemTime::now()));
+        line.push_str(if self.probe {
+            "\",\"level\":\"DEBUG\""
+        } else {
+            "\",\"level\":\"INFO\""
+        });
+        line.push_str(",\"message\":\"request\",\"method\":");
+        push_json_str(line, self.method.as_str());
         line.push_str(",\"path\":");
-        push_json_str(&mut line, self.uri.path());
+        push_json_str(line, self.uri.path());
+        line.push_str(",\"status\":");
+        ascii::push_int(line, self.status);
         // Milliseconds with three decimals, from whole microseconds: integer formatting,
         // where an `f64` would go through the shortest-float algorithm for every line.
         let micros = (duration_ms * 1000.0).round() as u64;
-        let _ = write!(
-            line,
-            ",\"status\":{},\"duration_ms\":{}.{:03},\"bytes\":{},\"request_id\":",
-            self.status,
-            micros / 1000,
-            micros % 1000,
-            self.bytes_out
-        );
-        push_json_str(&mut line, request_id);
-        let _ = write!(
-            line,
-            ",\"client\":\"{}\",\"completed\":{},\"error\":",
-            self.client, self.completed
-        );
-        push_json_str(&mut line, error);
+        line.push_str(",\"duration_ms\":");
+        ascii::push_int(line, micros / 1000);
+        line.push('.');
+        ascii::push_padded(line, (micros % 1000) as u32, 3);
+        line.push_str(",\"bytes\":");
+        ascii::push_int(line, self.bytes_out);
+        line.push_str(",\"request_id\":");
+        push_json_str(line, request_id);
+        line.push_str(",\"client\":\"");
+        match self.client {
+            IpAddr::V4(v4) => {
+                let mut text = [0u8; 15];
+                let len = ascii::ipv4(v4, &mut text);
+                line.push_str(std::str::from_utf8(&text[..len]).unwrap_or("?"));
+            }
+            IpAddr::V6(v6) => {
+                let _ = write!(line, "{v6}");
+            }
+        }
+        line.push_str(if self.completed {
+            "\",\"completed\":true,\"error\":"
+        } else {
+            "\",\"completed\":false,\"error\":"
+        });
+        push_json_str(line, error);
         line.push_str("}\n");
-        line
     }
 }
 
@@ -206,7 +225,8 @@ mod tests {
             completed: true,
             error: None,
         };
-        let line = log.json_line(1.2344, "abc", "");
+        let mut line = String::new();
+        log.json_line(&mut line, 1.2344, "abc", "");
         let v: serde_json::Value = serde_json::from_str(line.trim_end()).expect("JSON");
         assert_eq!(v["duration_ms"].as_f64(), Some(1.234));
         assert_eq!(v["path"], "/a%22b");
@@ -214,7 +234,8 @@ mod tests {
         assert_eq!(v["bytes"], 2048);
         assert_eq!(v["client"], "127.0.0.1");
         assert!(!line.contains("secret"));
-        let slow = log.json_line(12_345.000_6, "abc", "reset \"x\"");
+        let mut slow = String::new();
+        log.json_line(&mut slow, 12_345.000_6, "abc", "reset \"x\"");
         let v: serde_json::Value = serde_json::from_str(slow.trim_end()).expect("JSON");
         assert_eq!(v["duration_ms"].as_f64(), Some(12_345.001));
         assert_eq!(v["error"], "reset \"x\"");

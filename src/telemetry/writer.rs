@@ -1,0 +1,276 @@
+//! The log writer: every thread appends its lines to one shared buffer, and one thread
+//! writes what has gathered to stdout in a single `write` a few milliseconds later.
+//!
+//! Written by hand because the crate before it (tracing-appender's non-blocking writer)
+//! wakes its thread for every line: on a busy proxy that was a futex wake, a context switch
+//! and a `write` per request, about 2 µs of system time per small request pinned to one
+//! core and more across two (`bench/NOTES.md`, issue 12). Here the writer is woken once per
+//! batch (when the buffer goes from empty to non-empty), so a busy second costs at most
+//! `1 s / GATHER` wake-ups and writes, and a quiet process none at all.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::thread::{self, Thread};
+use std::time::Duration;
+
+/// How long the writer lets lines gather after the first of a batch: the most a line is
+/// delayed on its way to stdout.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// The most the buffer holds while stdout is not taking lines (a stalled log collector):
+/// beyond it lines are dropped and counted rather than a request blocked or memory spent.
+const BUFFER_LIMIT: usize = 4 * 1024 * 1024;
+
+/// How long a shutdown waits for the last lines to be written.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Pending {
+    lines: Vec<u8>,
+    dropped: u64,
+    closed: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    writer: Thread,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding the lock leaves whole lines behind: nothing to repair.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Where log lines go: cheap to clone, never blocks on stdout. Each `write` call must be
+/// whole lines (tracing's formatter writes one event per call; so does the access line).
+#[derive(Clone)]
+pub struct LogWriter {
+    shared: Arc<Shared>,
+}
+
+/// Writes what is left when dropped (waiting at most a second for stdout), then stops the
+/// writer thread. Keep it alive in `main`.
+pub struct FlushGuard {
+    shared: Arc<Shared>,
+    done: mpsc::Receiver<()>,
+}
+
+/// Starts the writer thread, writing to `out`.
+pub fn spawn(mut out: impl Write + Send + 'static) -> io::Result<(LogWriter, FlushGuard)> {
+    let (ready, handle) = mpsc::channel::<Arc<Shared>>();
+    let (finished, done) = mpsc::channel();
+    let thread = thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || {
+            let Ok(shared) = handle.recv() else { return };
+            let mut batch = Vec::new();
+            loop {
+                // Woken by the first line of a batch (or spuriously: then there is nothing).
+                thread::park();
+                thread::sleep(GATHER);
+                let (dropped, closed) = {
+                    let mut pending = shared.pending();
+                    std::mem::swap(&mut pending.lines, &mut batch);
+                    (std::mem::take(&mut pending.dropped), pending.closed)
+                };
+                if dropped > 0 {
+                    let _ = writeln!(
+                        batch,
+                        "{{\"level\":\"WARN\",\"message\":\"log lines dropped: stdout was not keeping up\",\"dropped\":{dropped}}}"
+                    );
+                }
+                if !batch.is_empty() {
+                    // Nothing to tell anyone if stdout is gone; the lines are lost either way.
+                    let _ = out.write_all(&batch).and_then(|()| out.flush());
+                    batch.clear();
+                    // A burst can grow the batch: don't keep megabytes for a quiet hour.
+                    batch.shrink_to(64 * 1024);
+                }
+                if closed {
+                    let _ = finished.send(());
+                    return;
+                }
+            }
+        })?;
+    let shared = Arc::new(Shared {
+        pending: Mutex::default(),
+        writer: thread.thread().clone(),
+    });
+    let _ = ready.send(Arc::clone(&shared));
+    let guard = FlushGuard {
+        shared: Arc::clone(&shared),
+        done,
+    };
+    Ok((LogWriter { shared }, guard))
+}
+
+impl LogWriter {
+    /// Appends whole lines; never waits for stdout.
+    pub fn append(&self, lines: &[u8]) {
+        let mut pending = self.shared.pending();
+        if pending.closed {
+            // After shutdown's flush: straight out, nothing left to batch with.
+            drop(pending);
+            let _ = io::stdout().lock().write_all(lines);
+            return;
+        }
+        if pending.lines.len() + lines.len() > BUFFER_LIMIT {
+            pending.dropped += 1;
+            return;
+        }
+        let first = pending.lines.is_empty();
+        pending.lines.extend_from_slice(lines);
+        drop(pending);
+        if first {
+            // A syscall only when the writer is parked; otherwise it sets a flag.
+            self.shared.writer.unpark();
+        }
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.append(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Drop for FlushGuard {
+    fn drop(&mut self) {
+        self.shared.pending().closed = true;
+        self.shared.writer.unpark();
+        let _ = self.done.recv_timeout(FLUSH_WAIT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `out` the test can read: what the writer thread wrote, and when.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn wait_for(out: &Captured, len: usize) -> Vec<u8> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen = out.0.lock().unwrap().clone();
+            if seen.len() >= len || std::time::Instant::now() > deadline {
+                return seen;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn lines_from_many_threads_arrive_whole_and_in_each_threads_order() {
+        let out = Captured::default();
+        let (writer, guard) = spawn(out.clone()).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let writer = writer.clone();
+                thread::spawn(move || {
+                    for i in 0..1000 {
+                        writer.append(format!("t{t} line {i:04}\n").as_bytes());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(guard);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4000);
+        for t in 0..4 {
+            let mine: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.starts_with(&format!("t{t} ")))
+                .collect();
+            let expected: Vec<String> = (0..1000).map(|i| format!("t{t} line {i:04}")).collect();
+            assert_eq!(mine, expected);
+        }
+    }
+
+    #[test]
+    fn a_quiet_line_is_written_without_waiting_for_more() {
+        let out = Captured::default();
+        let (writer, _guard) = spawn(out.clone()).unwrap();
+        writer.append(b"one\n");
+        assert_eq!(wait_for(&out, 4), b"one\n");
+        writer.append(b"two\n");
+        assert_eq!(wait_for(&out, 8), b"one\ntwo\n");
+    }
+
+    #[test]
+    fn a_stalled_stdout_costs_dropped_lines_not_memory_and_says_so() {
+        // stdout that takes nothing until the test lets it go.
+        #[derive(Clone)]
+        struct Stalled(Captured, Arc<(Mutex<bool>, std::sync::Condvar)>);
+        impl Write for Stalled {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let (open, cv) = &*self.1;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+                self.0.write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let out = Captured::default();
+        let (writer, guard) = spawn(Stalled(out.clone(), Arc::clone(&gate))).unwrap();
+        writer.append(b"first\n");
+        // Let the writer take "first" and block on it.
+        thread::sleep(GATHER * 10);
+        let line = [b'x'; 1023];
+        let mut line = line.to_vec();
+        line.push(b'\n');
+        for _ in 0..(BUFFER_LIMIT / line.len() + 100) {
+            writer.append(&line);
+        }
+        assert!(writer.shared.pending().lines.len() <= BUFFER_LIMIT);
+        assert!(writer.shared.pending().dropped >= 100);
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        drop(guard);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(text.starts_with("first\n"));
+        assert!(text.contains("\"dropped\":"), "the drop is reported");
+        for l in text.lines() {
+            assert!(
+                l == "first" || l.len() == 1023 || l.contains("dropped"),
+                "whole lines only"
+            );
+        }
+    }
+}
