@@ -15,15 +15,28 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// Forwarding headers other than X-Forwarded-For/-Proto/-Host, dropped from untrusted peers.
-const UNTRUSTED_FORWARDING: [&str; 4] = [
-    "forwarded",
-    "x-real-ip",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-];
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Forwarding claims other than X-Forwarded-For/-Proto, dropped from untrusted peers (their
+/// X-Forwarded-Host too: chatgate writes its own).
+fn is_forwarding_claim(name: &str) -> bool {
+    matches!(
+        name,
+        "x-forwarded-host" | "forwarded" | "x-real-ip" | "x-forwarded-port" | "x-forwarded-prefix"
+    )
+}
+
+/// Fields that are hop-by-hop by definition, RFC 9110 §7.6.1 (Connection itself aside).
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-connection"
+    )
+}
 
 /// Rewrites a client's request head for the backend: the URI in origin form
 /// (`path_and_query` or the client's own), HTTP/1.1, hop-by-hop headers stripped,
@@ -48,8 +61,8 @@ pub fn backend_request_head(
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
     let headers = &mut parts.headers;
-    strip_hop_by_hop(headers);
-    set_forwarded(headers, ctx.peer, ctx.trusted_peer);
+    remove_fields(headers, !ctx.trusted_peer);
+    add_forwarded(headers, ctx.peer, ctx.trusted_peer);
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(host) = &backend.host_override {
         headers.insert(header::HOST, host.clone());
@@ -67,30 +80,38 @@ pub fn backend_request_head(
 /// fields that are hop-by-hop by definition (Keep-Alive, TE, Trailer, Transfer-Encoding,
 /// Upgrade, Proxy-Authorization, Proxy-Connection).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        // Collect first: the names borrow from the map we are about to change. Split the
-        // raw bytes: a value with one non-ASCII (obs-text) byte still names its other
-        // options, and skipping it whole would forward the headers it names.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    remove_fields(headers, false);
+}
+
+/// [`strip_hop_by_hop`], and with `forwarding_claims` the forwarding claims of an untrusted
+/// peer, in one walk over the field names: a request rarely carries any of them, and a
+/// removal per name would hash and probe the map for each one (about a tenth of chatgate's
+/// own work per request, bench/NOTES.md).
+fn remove_fields(headers: &mut HeaderMap, forwarding_claims: bool) {
+    // Empty, so unallocated, unless the request carries one of these.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut connection = false;
+    for name in headers.keys() {
+        let text = name.as_str();
+        if text == "connection" {
+            connection = true;
+        } else if is_hop_by_hop(text) || (forwarding_claims && is_forwarding_claim(text)) {
+            doomed.push(name.clone());
         }
-        headers.remove(header::CONNECTION);
     }
-    for name in [
-        &KEEP_ALIVE,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &PROXY_CONNECTION,
-    ] {
+    if connection {
+        // Split the raw bytes: a value with one non-ASCII (obs-text) byte still names its
+        // other options, and skipping it whole would forward the headers it names.
+        doomed.extend(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok()),
+        );
+        doomed.push(header::CONNECTION);
+    }
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -167,11 +188,27 @@ pub fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
 ///
 /// From a trusted proxy, its `X-Forwarded-For` is appended to and its `-Proto`/`-Host` kept;
 /// from anyone else all three are overwritten with what chatgate itself saw, so a client
-/// cannot spoof its address or make the backend believe it was reached over https.
+/// cannot spoof its address or make the backend believe it was reached over https, and the
+/// other spellings of the same claims (`Forwarded`, `X-Real-IP`, ...) are removed.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) {
+    if !trusted_peer {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| is_forwarding_claim(name.as_str()))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+    }
+    add_forwarded(headers, peer, trusted_peer);
+}
+
+/// [`set_forwarded`] once an untrusted peer's forwarding claims are gone.
+fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) {
     let peer = canonical(peer);
-    let peer_text = peer.to_string();
     if trusted_peer {
+        let peer_text = peer.to_string();
         let prior: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -190,15 +227,27 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) 
             copy_host(headers);
         }
     } else {
-        set(headers, &X_FORWARDED_FOR, &peer_text);
+        headers.insert(X_FORWARDED_FOR.clone(), ip_value(peer));
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        headers.remove(&X_FORWARDED_HOST);
-        // Other spellings of the same claims, which a backend may also read.
-        for name in UNTRUSTED_FORWARDING {
-            headers.remove(name);
-        }
         copy_host(headers);
     }
+}
+
+/// An address as a header value. IPv4 is written digit by digit: `Display` for an address
+/// goes through `core::fmt` and a padding pass, a few hundred instructions per request.
+fn ip_value(addr: IpAddr) -> HeaderValue {
+    let mut text = [0u8; 15];
+    let len = match addr {
+        IpAddr::V4(v4) => crate::ascii::ipv4(v4, &mut text),
+        IpAddr::V6(_) => 0,
+    };
+    let value = if len == 0 {
+        HeaderValue::from_str(&addr.to_string())
+    } else {
+        HeaderValue::from_bytes(&text[..len])
+    };
+    // Digits, dots, hex and colons are always a valid value.
+    value.unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 fn copy_host(headers: &mut HeaderMap) {
