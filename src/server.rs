@@ -240,6 +240,10 @@ async fn serve_connection(
     tokio::pin!(connection);
     let backend = owned.drive();
     tokio::pin!(backend);
+    // Made once: a `cancelled()` made in the loop would join and leave the token's waiter
+    // list on every wake-up of the connection (two locks per request).
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let mut draining = false;
     let result = loop {
         tokio::select! {
@@ -248,7 +252,7 @@ async fn serve_connection(
             biased;
             result = connection.as_mut() => break result,
             never = backend.as_mut() => match never {},
-            _ = shutdown.cancelled(), if !draining => {
+            () = cancelled.as_mut(), if !draining => {
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }
