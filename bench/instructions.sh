@@ -47,6 +47,12 @@ callgrind_control -z "$pid" >/dev/null
 out=$(taskset -c 0 wrk -t1 -c8 -d"${DUR}s" "$url")
 callgrind_control -d "$pid" >/dev/null
 requests=$(awk '/requests in/ {print $1}' <<<"$out")
+if [[ -z $requests || $requests == 0 ]]; then
+    echo "no request was served under callgrind; its log: $WORK/valgrind" >&2
+    cat "$WORK/valgrind" >&2
+    exit 1
+fi
+# One dump: the one callgrind_control -d asked for (the zeroed counters since -z).
 dump=$(find "$WORK" -name 'out.*' | sort | tail -1)
 total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 awk -v t="$total" -v q="$requests" 'BEGIN { printf "%d requests, %.0f instructions per request\n", q, t / q }'

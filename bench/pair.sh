@@ -10,7 +10,8 @@
 # `nginx` alone is nginx from bench/conf/nginx.conf.in as one process (one worker, no master).
 # Knobs: DUR=3 seconds per measured run, PROXY_CPUS=1, LOAD_CPUS=0, PORT_BASE=19100,
 # COUNT=1 to add the proxy's syscalls and context switches per request (perf stat; steadier
-# than CPU time on a noisy machine).
+# than CPU time on a noisy machine; tracing every syscall slows the proxy, so compare CPU
+# times only between runs with the same COUNT).
 # Needs a release build of the bench tools (cargo build --release -p chatgate-bench) and wrk.
 set -euo pipefail
 
@@ -79,8 +80,9 @@ for round in $(seq 1 "$ROUNDS"); do
         read -r u1 s1 < <(cpu "$pid")
         counts=""
         if [[ ${COUNT:-0} == 1 ]]; then
-            kill -INT "$perf_pid"
+            kill -INT "$perf_pid" 2>/dev/null || true
             wait "$perf_pid" 2>/dev/null || true
+            [[ -s $WORK/perf ]] || { echo "perf stat could not count (COUNT=1 needs perf and tracepoints)" >&2; exit 1; }
             counts=$(awk -F, -v q="$(awk '/requests in/ {print $1}' <<<"$out")" \
                 '/sys_enter/ {s = $1} /context-switches/ {c = $1} END {printf "  syscalls %.2f  switches %.3f /req", s / q, c / q}' "$WORK/perf")
         fi

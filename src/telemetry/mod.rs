@@ -106,18 +106,40 @@ impl AccessLog {
 impl AccessLog {
     /// The access line as tracing's JSON layer would write it, built in one buffer.
     fn write_json(&self, writer: &LogWriter, duration_ms: f64, request_id: &str, error: &str) {
-        ACCESS_LINE.with_borrow_mut(|line| {
+        let write = |line: &mut String| {
             line.clear();
             self.json_line(line, duration_ms, request_id, error);
             writer.append(line.as_bytes());
             // One odd line (a huge error text) should not keep its size for the thread's life.
             line.shrink_to(4096);
-        });
+        };
+        // A body dropped while its thread is being torn down finds the buffer gone: a
+        // panic in a drop there would abort the process, so it gets a buffer of its own.
+        let reused = ACCESS_LINE
+            .try_with(|cell| {
+                cell.try_borrow_mut()
+                    .map(|mut line| write(&mut line))
+                    .is_ok()
+            })
+            .unwrap_or(false);
+        if !reused {
+            write(&mut String::new());
+        }
     }
 
     fn json_line(&self, line: &mut String, duration_ms: f64, request_id: &str, error: &str) {
         line.push_str("{\"timestamp\":\"");
-        CLOCK.with_borrow_mut(|clock| clock.push(line, std::time::SystemTime::now()));
+        let now = std::time::SystemTime::now();
+        let cached = CLOCK
+            .try_with(|cell| {
+                cell.try_borrow_mut()
+                    .map(|mut clock| clock.push(line, now))
+                    .is_ok()
+            })
+            .unwrap_or(false);
+        if !cached {
+            ascii::Rfc3339Clock::default().push(line, now);
+        }
         line.push_str(if self.probe {
             "\",\"level\":\"DEBUG\""
         } else {

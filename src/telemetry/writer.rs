@@ -14,11 +14,12 @@ use std::thread::{self, Thread};
 use std::time::Duration;
 
 /// How long the writer lets lines gather after the first of a batch: the most a line is
-/// delayed on its way to stdout.
-const GATHER: Duration = Duration::from_millis(2);
+/// delayed on its way to stdout (when stdout keeps up).
+const GATHER: Duration = Duration::from_millis(10);
 
 /// The most the buffer holds while stdout is not taking lines (a stalled log collector):
-/// beyond it lines are dropped and counted rather than a request blocked or memory spent.
+/// beyond it lines are dropped and counted rather than a request blocked or memory grown.
+/// With the batch being written, the writer holds at most twice this.
 const BUFFER_LIMIT: usize = 4 * 1024 * 1024;
 
 /// How long a shutdown waits for the last lines to be written.
@@ -28,7 +29,19 @@ const FLUSH_WAIT: Duration = Duration::from_secs(1);
 struct Pending {
     lines: Vec<u8>,
     dropped: u64,
-    closed: bool,
+    stage: Stage,
+}
+
+/// Where shutdown is: lines are batched until the writer has written the last batch, and
+/// only then go straight to stdout (so no line overtakes an older one).
+#[derive(Default, Clone, Copy, PartialEq)]
+enum Stage {
+    #[default]
+    Open,
+    /// The guard asked for a last flush; lines are still batched.
+    Closing,
+    /// The writer is gone.
+    Finished,
 }
 
 struct Shared {
@@ -66,20 +79,32 @@ pub fn spawn(mut out: impl Write + Send + 'static) -> io::Result<(LogWriter, Flu
         .spawn(move || {
             let Ok(shared) = handle.recv() else { return };
             let mut batch = Vec::new();
+            let mut clock = crate::ascii::Rfc3339Clock::default();
             loop {
-                // Woken by the first line of a batch (or spuriously: then there is nothing).
-                thread::park();
+                // Until there is something to do. The state is read first, not trusted to
+                // the wake-up: anything else that parks this thread (a blocking write can)
+                // may use up the token an `unpark` left.
+                loop {
+                    let pending = shared.pending();
+                    if !pending.lines.is_empty() || pending.dropped > 0 || pending.stage != Stage::Open {
+                        break;
+                    }
+                    drop(pending);
+                    thread::park();
+                }
                 thread::sleep(GATHER);
-                let (dropped, closed) = {
+                let (dropped, stage) = {
                     let mut pending = shared.pending();
                     std::mem::swap(&mut pending.lines, &mut batch);
-                    (std::mem::take(&mut pending.dropped), pending.closed)
+                    (std::mem::take(&mut pending.dropped), pending.stage)
                 };
                 if dropped > 0 {
-                    let _ = writeln!(
-                        batch,
-                        "{{\"level\":\"WARN\",\"message\":\"log lines dropped: stdout was not keeping up\",\"dropped\":{dropped}}}"
-                    );
+                    let mut line = String::from("{\"timestamp\":\"");
+                    clock.push(&mut line, std::time::SystemTime::now());
+                    line.push_str("\",\"level\":\"WARN\",\"message\":\"log lines dropped: stdout was not keeping up\",\"dropped\":");
+                    crate::ascii::push_int(&mut line, dropped);
+                    line.push_str("}\n");
+                    batch.extend_from_slice(line.as_bytes());
                 }
                 if !batch.is_empty() {
                     // Nothing to tell anyone if stdout is gone; the lines are lost either way.
@@ -88,9 +113,14 @@ pub fn spawn(mut out: impl Write + Send + 'static) -> io::Result<(LogWriter, Flu
                     // A burst can grow the batch: don't keep megabytes for a quiet hour.
                     batch.shrink_to(64 * 1024);
                 }
-                if closed {
-                    let _ = finished.send(());
-                    return;
+                if stage == Stage::Closing {
+                    let mut pending = shared.pending();
+                    if pending.lines.is_empty() && pending.dropped == 0 {
+                        pending.stage = Stage::Finished;
+                        let _ = finished.send(());
+                        return;
+                    }
+                    // Lines came in while the last batch was written: one more round.
                 }
             }
         })?;
@@ -110,18 +140,20 @@ impl LogWriter {
     /// Appends whole lines; never waits for stdout.
     pub fn append(&self, lines: &[u8]) {
         let mut pending = self.shared.pending();
-        if pending.closed {
-            // After shutdown's flush: straight out, nothing left to batch with.
+        if pending.stage == Stage::Finished {
+            // After shutdown's last batch: straight out, nothing left to batch with.
             drop(pending);
             let _ = io::stdout().lock().write_all(lines);
             return;
         }
+        // The writer has nothing to do when the buffer (and the drop count) is empty: this
+        // line starts a batch and wakes it.
+        let first = pending.lines.is_empty() && pending.dropped == 0;
         if pending.lines.len() + lines.len() > BUFFER_LIMIT {
             pending.dropped += 1;
-            return;
+        } else {
+            pending.lines.extend_from_slice(lines);
         }
-        let first = pending.lines.is_empty();
-        pending.lines.extend_from_slice(lines);
         drop(pending);
         if first {
             // A syscall only when the writer is parked; otherwise it sets a flag.
@@ -151,7 +183,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
 
 impl Drop for FlushGuard {
     fn drop(&mut self) {
-        self.shared.pending().closed = true;
+        self.shared.pending().stage = Stage::Closing;
         self.shared.writer.unpark();
         let _ = self.done.recv_timeout(FLUSH_WAIT);
     }
@@ -230,47 +262,111 @@ mod tests {
 
     #[test]
     fn a_stalled_stdout_costs_dropped_lines_not_memory_and_says_so() {
-        // stdout that takes nothing until the test lets it go.
-        #[derive(Clone)]
-        struct Stalled(Captured, Arc<(Mutex<bool>, std::sync::Condvar)>);
+        /// stdout that takes nothing until the test lets it go, and says when it blocks.
+        struct Stalled {
+            out: Captured,
+            blocked: mpsc::Sender<()>,
+            open: mpsc::Receiver<()>,
+        }
         impl Write for Stalled {
             fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                let (open, cv) = &*self.1;
-                let mut open = open.lock().unwrap();
-                while !*open {
-                    open = cv.wait(open).unwrap();
-                }
-                self.0.write(buf)
+                let _ = self.blocked.send(());
+                let _ = self.open.recv();
+                self.out.write(buf)
             }
             fn flush(&mut self) -> io::Result<()> {
                 Ok(())
             }
         }
-        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (blocked, writer_blocked) = mpsc::channel();
+        let (let_go, open) = mpsc::channel();
         let out = Captured::default();
-        let (writer, guard) = spawn(Stalled(out.clone(), Arc::clone(&gate))).unwrap();
+        let stalled = Stalled {
+            out: out.clone(),
+            blocked,
+            open,
+        };
+        let (writer, guard) = spawn(stalled).unwrap();
         writer.append(b"first\n");
-        // Let the writer take "first" and block on it.
-        thread::sleep(GATHER * 10);
-        let line = [b'x'; 1023];
-        let mut line = line.to_vec();
+        writer_blocked
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the writer takes the first line");
+        let mut line = vec![b'x'; 1023];
         line.push(b'\n');
         for _ in 0..(BUFFER_LIMIT / line.len() + 100) {
             writer.append(&line);
         }
         assert!(writer.shared.pending().lines.len() <= BUFFER_LIMIT);
         assert!(writer.shared.pending().dropped >= 100);
-        *gate.0.lock().unwrap() = true;
-        gate.1.notify_all();
+        // Let every write through from here on.
+        for _ in 0..16 {
+            let _ = let_go.send(());
+        }
         drop(guard);
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert!(text.starts_with("first\n"));
-        assert!(text.contains("\"dropped\":"), "the drop is reported");
+        let report = text
+            .lines()
+            .find(|l| l.contains("\"dropped\":"))
+            .expect("the drop is reported");
+        let report: serde_json::Value = serde_json::from_str(report).unwrap();
+        assert!(report["dropped"].as_u64().unwrap() >= 100);
+        assert!(report["timestamp"].is_string());
         for l in text.lines() {
             assert!(
                 l == "first" || l.len() == 1023 || l.contains("dropped"),
                 "whole lines only"
             );
         }
+    }
+
+    #[test]
+    fn lines_written_during_shutdown_keep_their_order() {
+        /// stdout whose first write waits for the test.
+        struct SlowFirst {
+            out: Captured,
+            blocked: mpsc::Sender<()>,
+            open: mpsc::Receiver<()>,
+            first: bool,
+        }
+        impl Write for SlowFirst {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if std::mem::take(&mut self.first) {
+                    let _ = self.blocked.send(());
+                    let _ = self.open.recv();
+                }
+                self.out.write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (blocked, writer_blocked) = mpsc::channel();
+        let (let_go, open) = mpsc::channel();
+        let out = Captured::default();
+        let slow = SlowFirst {
+            out: out.clone(),
+            blocked,
+            open,
+            first: true,
+        };
+        let (writer, guard) = spawn(slow).unwrap();
+        writer.append(b"before\n");
+        writer_blocked.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Shutdown begins while "before" is still being written...
+        let shutdown = thread::spawn(move || drop(guard));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while writer.shared.pending().stage != Stage::Closing {
+            assert!(std::time::Instant::now() < deadline, "shutdown began");
+            thread::yield_now();
+        }
+        // ...and a line that comes in then is batched behind it, not written ahead of it
+        // (or past the writer, straight to the process's stdout).
+        writer.append(b"during\n");
+        let_go.send(()).unwrap();
+        shutdown.join().unwrap();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text, "before\nduring\n");
+        assert!(writer.shared.pending().stage == Stage::Finished);
     }
 }
