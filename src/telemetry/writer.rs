@@ -2,11 +2,15 @@
 //! writes what has gathered to stdout in a single `write` a few milliseconds later.
 //!
 //! Written by hand because the crate before it (tracing-appender's non-blocking writer)
-//! wakes its thread for every line: on a busy proxy that was a futex wake, a context switch
-//! and a `write` per request, about 2 µs of system time per small request pinned to one
-//! core and more across two (`bench/NOTES.md`, issue 12). Here the writer is woken once per
-//! batch (when the buffer goes from empty to non-empty), so a busy second costs at most
-//! `1 s / GATHER` wake-ups and writes, and a quiet process none at all.
+//! wakes its thread for every line that finds it idle, and writes whenever its queue runs
+//! dry: with the proxy on two cores, where the writer is idle between lines, that was a
+//! futex wake, a context switch and a `write` per request (`bench/NOTES.md`, issue 12).
+//! Here the writer is woken once per batch (when the buffer goes from empty to non-empty),
+//! so a busy second costs at most `1 s / GATHER` wake-ups and writes, and a quiet process
+//! none at all.
+//!
+//! The price is a lock per line, held for one `memcpy` of the line: the lock-free channel
+//! it replaces also synchronised per line, and paid the wake-up besides.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
