@@ -106,8 +106,13 @@ impl ChatSession {
                     let took = now.saturating_duration_since(started);
                     self.answers += 1;
                     self.answer_time += took;
-                    // An answer that ended without a part (an error, a stop) ends the wait.
-                    if self.tasks.is_empty() {
+                    // An answer that ended without a part (an error, a stop) ends the wait,
+                    // but only a wait it could have answered: a message sent after this
+                    // answer began (the user read the reply and wrote again before its
+                    // `task_end` arrived) waits for the next answer.
+                    if self.tasks.is_empty()
+                        && self.waiting_since.is_some_and(|sent| sent <= started)
+                    {
                         self.waiting_since = None;
                     }
                     Observed::AnswerEnded(took)
@@ -199,6 +204,27 @@ mod tests {
         s.user_message(t0 + ms(100));
         assert_eq!(
             s.server_event(ChatEvent::AnswerPart, t0 + ms(130)),
+            Observed::FirstToken(ms(30))
+        );
+    }
+
+    #[test]
+    fn a_message_sent_before_the_last_answers_end_keeps_its_first_token() {
+        // The reply's parts reach the user, who writes again before Chainlit's `task_end`
+        // for that reply comes through: the new message's wait must survive that end.
+        let t0 = Instant::now();
+        let mut s = ChatSession::default();
+        s.user_message(t0);
+        s.server_event(ChatEvent::TaskStart, t0 + ms(1));
+        s.server_event(ChatEvent::AnswerPart, t0 + ms(10));
+        s.user_message(t0 + ms(20));
+        assert_eq!(
+            s.server_event(ChatEvent::TaskEnd, t0 + ms(21)),
+            Observed::AnswerEnded(ms(20))
+        );
+        s.server_event(ChatEvent::TaskStart, t0 + ms(22));
+        assert_eq!(
+            s.server_event(ChatEvent::AnswerPart, t0 + ms(50)),
             Observed::FirstToken(ms(30))
         );
     }
