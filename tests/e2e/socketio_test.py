@@ -75,6 +75,19 @@ class ChatClient:
             request_timeout=10,
             http_session=self.http,
         )
+        # python-engineio hands every received packet to its own new thread
+        # (run_async=True), so under load events reach _on_any out of order: a
+        # reply's update_message before its last stream_tokens. The browser's
+        # socket.io client handles packets in order; so does this one, on the
+        # transport's read thread (the handlers below only append).
+        trigger = self.sio.eio._trigger_event
+
+        def in_order(event, *args, **kwargs):
+            if event == "message":
+                kwargs["run_async"] = False
+            return trigger(event, *args, **kwargs)
+
+        self.sio.eio._trigger_event = in_order
         self.session_id = str(uuid.uuid4())
         self.events: list[tuple[float, str, object]] = []
         self.cond = threading.Condition()
