@@ -20,23 +20,21 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 DUR=${DUR:-10}
 port=${PORT_BASE:-19480}
 WORK=$(mktemp -d /tmp/chatgate-instr.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    if [[ -n ${KEEP:-} ]]; then cp "$WORK"/out.* "$KEEP"; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+KEEP_WORK=0
+log() { printf '[instructions %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# Process bookkeeping (STARTED, stop_pid, cleanup and the traps).
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 taskset -c 0 "$BIN/bench-backend" --listen "127.0.0.1:$port" >/dev/null 2>&1 &
-PIDS+=($!)
+STARTED+=($!)
 cmd=${COMMAND//@PORT@/$((port + 1))}
 cmd=${cmd//@BACKEND@/127.0.0.1:$port}
 # The command is split into words on purpose.
 # shellcheck disable=SC2086
 taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$WORK/out" $cmd >"$WORK/log" 2>"$WORK/valgrind" &
 pid=$!
-PIDS+=("$pid")
+STARTED+=("$pid")
 url=http://127.0.0.1:$((port + 1))/page
 for _ in $(seq 1 200); do
     curl -s -o /dev/null "$url" && break
@@ -54,6 +52,7 @@ if [[ -z $requests || $requests == 0 ]]; then
 fi
 # One dump: the one callgrind_control -d asked for (the zeroed counters since -z).
 dump=$(find "$WORK" -name 'out.*' | sort | tail -1)
+if [[ -n ${KEEP:-} ]]; then cp "$dump" "$KEEP"; fi
 total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 awk -v t="$total" -v q="$requests" 'BEGIN { printf "%d requests, %.0f instructions per request\n", q, t / q }'
 callgrind_annotate --inclusive=yes "$@" "$dump" 2>/dev/null | sed -n '/file:function/,$p' | head -60

@@ -1,4 +1,4 @@
-# Process bookkeeping shared by bench/run.sh and bench/soak.sh (sourced, not run).
+# Process bookkeeping shared by the bench scripts (sourced, not run).
 # Every long-running process a script starts goes into STARTED; cleanup stops exactly those
 # PIDs (and the direct children they had, e.g. nginx's workers), never anything by name.
 # The sourcing script defines log, WORK and KEEP_WORK first.

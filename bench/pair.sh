@@ -25,15 +25,14 @@ LOAD_CPUS=${LOAD_CPUS:-0}
 port=${PORT_BASE:-19100}
 BACKEND=127.0.0.1:$((port - 20))
 WORK=$(mktemp -d /tmp/chatgate-pair.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+KEEP_WORK=0
+log() { printf '[pair %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# Process bookkeeping (STARTED, stop_pid, cleanup and the traps).
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 taskset -c "$LOAD_CPUS" "$BIN/bench-backend" --listen "$BACKEND" >/dev/null 2>&1 &
-PIDS+=($!)
+STARTED+=($!)
 
 start_nginx() {
     local dir=$WORK/nginx-$1
@@ -64,7 +63,7 @@ for round in $(seq 1 "$ROUNDS"); do
             taskset -c "$PROXY_CPUS" $cmd >"$WORK/$port.log" 2>&1 &
         fi
         pid=$!
-        PIDS+=("$pid")
+        STARTED+=("$pid")
         for _ in $(seq 1 100); do
             curl -s -o /dev/null "http://127.0.0.1:$port/page" && break
             sleep 0.05
@@ -73,6 +72,7 @@ for round in $(seq 1 "$ROUNDS"); do
         if [[ ${COUNT:-0} == 1 ]]; then
             perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$WORK/perf" &
             perf_pid=$!
+            STARTED+=("$perf_pid")
             sleep 0.1
         fi
         read -r u0 s0 < <(cpu "$pid")
@@ -82,6 +82,7 @@ for round in $(seq 1 "$ROUNDS"); do
         if [[ ${COUNT:-0} == 1 ]]; then
             kill -INT "$perf_pid" 2>/dev/null || true
             wait "$perf_pid" 2>/dev/null || true
+            forget_pid "$perf_pid"
             [[ -s $WORK/perf ]] || { echo "perf stat could not count (COUNT=1 needs perf and tracepoints)" >&2; exit 1; }
             counts=$(awk -F, -v q="$(awk '/requests in/ {print $1}' <<<"$out")" \
                 '/sys_enter/ {s = $1} /context-switches/ {c = $1} END {printf "  syscalls %.2f  switches %.3f /req", s / q, c / q}' "$WORK/perf")
@@ -90,7 +91,6 @@ for round in $(seq 1 "$ROUNDS"); do
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
         awk -v n="$name" -v r="$round" -v rps="$rps" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v q="$requests" -v t="$TICK_US" \
             -v c="$counts" 'BEGIN { printf "%-14s round %d: %8.0f req/s  user %5.2f  sys %5.2f  total %5.2f us/req%s\n", n, r, rps, u * t / q, s * t / q, (u + s) * t / q, c }'
-        kill "$pid"
-        wait "$pid" 2>/dev/null || true
+        stop_pid "$pid"
     done
 done
