@@ -61,8 +61,8 @@ pub fn backend_request_head(
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
     let headers = &mut parts.headers;
-    remove_fields(headers, !ctx.trusted_peer);
-    add_forwarded(headers, ctx.peer, ctx.trusted_peer);
+    strip_hop_by_hop(headers);
+    set_forwarded(headers, ctx.peer, ctx.trusted_peer);
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(host) = &backend.host_override {
         headers.insert(header::HOST, host.clone());
@@ -80,22 +80,16 @@ pub fn backend_request_head(
 /// fields that are hop-by-hop by definition (Keep-Alive, TE, Trailer, Transfer-Encoding,
 /// Upgrade, Proxy-Authorization, Proxy-Connection).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    remove_fields(headers, false);
-}
-
-/// [`strip_hop_by_hop`], and with `forwarding_claims` the forwarding claims of an untrusted
-/// peer, in one walk over the field names: a request rarely carries any of them, and a
-/// removal per name would hash and probe the map for each one (about a tenth of chatgate's
-/// own work per request, bench/NOTES.md).
-fn remove_fields(headers: &mut HeaderMap, forwarding_claims: bool) {
-    // Empty, so unallocated, unless the request carries one of these.
+    // One walk over the names: a request rarely carries any of these, and a removal per
+    // name would hash and probe the map for each one (bench/NOTES.md, issue 12). Empty, so
+    // unallocated, unless it does.
     let mut doomed: Vec<HeaderName> = Vec::new();
     let mut connection = false;
     for name in headers.keys() {
         let text = name.as_str();
         if text == "connection" {
             connection = true;
-        } else if is_hop_by_hop(text) || (forwarding_claims && is_forwarding_claim(text)) {
+        } else if is_hop_by_hop(text) {
             doomed.push(name.clone());
         }
     }
@@ -191,21 +185,6 @@ pub fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
 /// cannot spoof its address or make the backend believe it was reached over https, and the
 /// other spellings of the same claims (`Forwarded`, `X-Real-IP`, ...) are removed.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) {
-    if !trusted_peer {
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| is_forwarding_claim(name.as_str()))
-            .cloned()
-            .collect();
-        for name in doomed {
-            headers.remove(name);
-        }
-    }
-    add_forwarded(headers, peer, trusted_peer);
-}
-
-/// [`set_forwarded`] once an untrusted peer's forwarding claims are gone.
-fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) {
     let peer = canonical(peer);
     if trusted_peer {
         let peer_text = peer.to_string();
@@ -227,6 +206,15 @@ fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) {
             copy_host(headers);
         }
     } else {
+        // The claims found in one walk over the names, as in `strip_hop_by_hop`.
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| is_forwarding_claim(name.as_str()))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
         headers.insert(X_FORWARDED_FOR.clone(), ip_value(peer));
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         copy_host(headers);
