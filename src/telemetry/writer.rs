@@ -222,6 +222,41 @@ mod tests {
         }
     }
 
+    /// stdout whose first `holds` writes each wait for the test, telling it when they do.
+    struct Held {
+        out: Captured,
+        holds: usize,
+        blocked: mpsc::Sender<()>,
+        open: mpsc::Receiver<()>,
+    }
+
+    /// The fake, the signal that a write is waiting, and the handle that lets one through.
+    fn held(out: &Captured, holds: usize) -> (Held, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (blocked, writer_blocked) = mpsc::channel();
+        let (let_go, open) = mpsc::channel();
+        let fake = Held {
+            out: out.clone(),
+            holds,
+            blocked,
+            open,
+        };
+        (fake, writer_blocked, let_go)
+    }
+
+    impl Write for Held {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.holds > 0 {
+                self.holds -= 1;
+                let _ = self.blocked.send(());
+                let _ = self.open.recv();
+            }
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn lines_from_many_threads_arrive_whole_and_in_each_threads_order() {
         let out = Captured::default();
@@ -266,30 +301,9 @@ mod tests {
 
     #[test]
     fn a_stalled_stdout_costs_dropped_lines_not_memory_and_says_so() {
-        /// stdout that takes nothing until the test lets it go, and says when it blocks.
-        struct Stalled {
-            out: Captured,
-            blocked: mpsc::Sender<()>,
-            open: mpsc::Receiver<()>,
-        }
-        impl Write for Stalled {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                let _ = self.blocked.send(());
-                let _ = self.open.recv();
-                self.out.write(buf)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let (blocked, writer_blocked) = mpsc::channel();
-        let (let_go, open) = mpsc::channel();
+        // stdout that takes nothing until the test lets it go.
         let out = Captured::default();
-        let stalled = Stalled {
-            out: out.clone(),
-            blocked,
-            open,
-        };
+        let (stalled, writer_blocked, let_go) = held(&out, usize::MAX);
         let (writer, guard) = spawn(stalled).unwrap();
         writer.append(b"first\n");
         writer_blocked
@@ -326,34 +340,8 @@ mod tests {
 
     #[test]
     fn lines_written_during_shutdown_keep_their_order() {
-        /// stdout whose first write waits for the test.
-        struct SlowFirst {
-            out: Captured,
-            blocked: mpsc::Sender<()>,
-            open: mpsc::Receiver<()>,
-            first: bool,
-        }
-        impl Write for SlowFirst {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                if std::mem::take(&mut self.first) {
-                    let _ = self.blocked.send(());
-                    let _ = self.open.recv();
-                }
-                self.out.write(buf)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let (blocked, writer_blocked) = mpsc::channel();
-        let (let_go, open) = mpsc::channel();
         let out = Captured::default();
-        let slow = SlowFirst {
-            out: out.clone(),
-            blocked,
-            open,
-            first: true,
-        };
+        let (slow, writer_blocked, let_go) = held(&out, 1);
         let (writer, guard) = spawn(slow).unwrap();
         writer.append(b"before\n");
         writer_blocked.recv_timeout(Duration::from_secs(5)).unwrap();
