@@ -9,8 +9,11 @@
 # The proxy runs under callgrind on one CPU (so chatgate picks its current-thread runtime),
 # is warmed up, then its counters are zeroed, loaded with wrk (8 connections, GET 2 KiB) for
 # DUR seconds and dumped. Prints Ir per request, then the top functions (inclusive) when the
-# binary has symbols. Knobs: DUR=10, PORT_BASE=19480, KEEP=FILE to keep the callgrind dump.
-# Needs valgrind, wrk and a release build of bench-backend.
+# binary has symbols. Knobs: DUR=10, PORT_BASE=19480, KEEP=FILE to keep the callgrind dump,
+# BACKEND_BIN (default: bench-backend beside the release build, else in target/release).
+# Needs valgrind, wrk and a release build of bench-backend. Fails, naming the cause, when the
+# backend does not come up or any measured response is not a 2xx: a count of error answers
+# is not a count of proxied requests.
 set -euo pipefail
 
 COMMAND=$1
@@ -26,8 +29,22 @@ log() { printf '[instructions %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-taskset -c 0 "$BIN/bench-backend" --listen "127.0.0.1:$port" >/dev/null 2>&1 &
+BACKEND_BIN=${BACKEND_BIN:-$BIN/bench-backend}
+[[ -x $BACKEND_BIN ]] || BACKEND_BIN=$ROOT/target/release/bench-backend
+if [[ ! -x $BACKEND_BIN ]]; then
+    echo "no bench-backend at $BIN or $ROOT/target/release: cargo build --release -p chatgate-bench" >&2
+    exit 1
+fi
+taskset -c 0 "$BACKEND_BIN" --listen "127.0.0.1:$port" >"$WORK/backend.log" 2>&1 &
 STARTED+=($!)
+for _ in $(seq 1 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/page" && break
+    sleep 0.1
+done
+if ! curl -s -o /dev/null "http://127.0.0.1:$port/page"; then
+    echo "bench-backend did not answer on 127.0.0.1:$port; its log: $WORK/backend.log" >&2
+    exit 1
+fi
 cmd=${COMMAND//@PORT@/$((port + 1))}
 cmd=${cmd//@BACKEND@/127.0.0.1:$port}
 # The command is split into words on purpose.
@@ -45,6 +62,11 @@ callgrind_control -z "$pid" >/dev/null
 out=$(taskset -c 0 wrk -t1 -c8 -d"${DUR}s" "$url")
 callgrind_control -d "$pid" >/dev/null
 requests=$(awk '/requests in/ {print $1}' <<<"$out")
+if grep -q 'Non-2xx' <<<"$out"; then
+    echo "some responses were not 2xx, so this is not a count of proxied requests:" >&2
+    echo "$out" >&2
+    exit 1
+fi
 if [[ -z $requests || $requests == 0 ]]; then
     echo "no request was served under callgrind; its log: $WORK/valgrind" >&2
     cat "$WORK/valgrind" >&2
@@ -55,4 +77,5 @@ dump=$(find "$WORK" -name 'out.*' | sort | tail -1)
 if [[ -n ${KEEP:-} ]]; then cp "$dump" "$KEEP"; fi
 total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 awk -v t="$total" -v q="$requests" 'BEGIN { printf "%d requests, %.0f instructions per request\n", q, t / q }'
-callgrind_annotate --inclusive=yes "$@" "$dump" 2>/dev/null | sed -n '/file:function/,$p' | head -60
+# awk, not head: it reads to the end, so no SIGPIPE fails the script under pipefail.
+callgrind_annotate --inclusive=yes "$@" "$dump" 2>/dev/null | sed -n '/file:function/,$p' | awk 'NR <= 60'
