@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
@@ -20,7 +19,7 @@ use crate::client_io::FramingConflict;
 use crate::config::AuthStubMode;
 use crate::error::{ProxyError, is_browser_navigation};
 use crate::limits::{limit_class, origin_allowed};
-use crate::metrics::RouteClass;
+use crate::metrics::{MetricsHandle, RouteClass};
 use crate::monitor::{self, Probe};
 use crate::proxy::headers::{
     X_FORWARDED_PROTO, X_REQUEST_ID, client_addr, harden_cookies, is_sane_request_id, is_trusted,
@@ -32,16 +31,30 @@ use crate::routes::{Route, chat_redirect_location, classify, is_probe, socketio_
 use crate::state::{Gateway, ProbeReserve};
 use crate::telemetry::AccessLog;
 
+/// What a client connection's requests share, borrowed by each request's future from the
+/// connection's task: no reference count is written per request (see [`MetricsHandle`]).
+pub struct Connection<'a> {
+    pub gw: &'a Gateway,
+    pub peer: SocketAddr,
+    /// The backend connection this client connection's requests go out on.
+    pub owned: &'a OwnedBackend,
+    pub metrics: &'a MetricsHandle,
+}
+
 /// Answers one request. Never fails: every error becomes a response here, and every
 /// response carries the request id and its access line.
 pub async fn handle(
-    gw: Arc<Gateway>,
+    conn: &Connection<'_>,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    owned: Arc<OwnedBackend>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let Connection {
+        gw,
+        peer,
+        owned,
+        metrics,
+    } = *conn;
     let started = Instant::now();
-    let ctx = context(&gw, &req, peer);
+    let ctx = context(gw, &req, peer);
     // The route borrows the context's URI, so it is computed once and handed down.
     let route = classify(ctx.uri.path());
     let probe = is_probe(route);
@@ -50,8 +63,8 @@ pub async fn handle(
     let browser = is_browser_navigation(req.method(), req.headers());
     let engineio = matches!(route, Route::SocketIo { .. })
         || is_engineio(ctx.path(), ctx.uri.query(), &gw.config.routes.socketio_path);
-    let result = match admit(&gw, &req, &ctx, probe, engineio) {
-        Ok(()) => dispatch(&gw, &owned, req, &ctx, route, engineio).await,
+    let result = match admit(gw, &req, &ctx, probe, engineio) {
+        Ok(()) => dispatch(gw, owned, req, &ctx, route, engineio).await,
         Err(refusal) => Err(refusal),
     };
     let mut response = result.unwrap_or_else(|error| {
@@ -73,7 +86,7 @@ pub async fn handle(
         gw.metrics.request(class, &method, status, seconds, 0);
     } else {
         response.body_mut().set_log(AccessLog {
-            metrics: Arc::clone(&gw.metrics),
+            metrics: metrics.clone(),
             route: class,
             method,
             uri: ctx.uri,
@@ -424,7 +437,7 @@ mod future_size {
     use super::*;
 
     /// The size of what `f` returns, without calling it.
-    fn returned_size<A, B, C, D, R>(_f: impl Fn(A, B, C, D) -> R) -> usize {
+    fn returned_size<A, B, R>(_f: impl Fn(A, B) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 

@@ -143,6 +143,27 @@ pub struct Metrics {
     pub asset_cache: AssetCacheMetrics,
 }
 
+/// A client connection's own handle on the process's [`Metrics`], for what outlives a
+/// request's future: its access line, recorded when the response body ends. Cloning it per
+/// request writes a count in the connection's own allocation; an `Arc<Metrics>` clone would
+/// write the shared one, a cache line every core's requests then pass between them.
+#[derive(Clone)]
+pub struct MetricsHandle(std::sync::Arc<std::sync::Arc<Metrics>>);
+
+impl MetricsHandle {
+    pub fn new(metrics: std::sync::Arc<Metrics>) -> MetricsHandle {
+        MetricsHandle(std::sync::Arc::new(metrics))
+    }
+}
+
+impl std::ops::Deref for MetricsHandle {
+    type Target = Metrics;
+
+    fn deref(&self) -> &Metrics {
+        &self.0
+    }
+}
+
 fn key(name: &'static str, labels: Vec<Label>) -> Key {
     Key::from_parts(name, labels)
 }

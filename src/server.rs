@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::owned::OwnedBackend;
 use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict};
 use crate::config::Config;
+use crate::gateway::Connection;
+use crate::metrics::MetricsHandle;
 use crate::responses::TOO_MANY_CONNECTIONS;
 use crate::state::{Gateway, PROBE_RESERVE, ProbeReserve};
 
@@ -219,20 +221,20 @@ async fn serve_connection(
     let http = if reserve { &http.reserve } else { &http.normal };
     // The backend connection this client connection's requests go out on, run in this
     // task beside the client connection (see `backend/owned.rs`).
-    let owned = Arc::new(OwnedBackend::default());
+    let owned = OwnedBackend::default();
+    let log_metrics = MetricsHandle::new(Arc::clone(&gateway.metrics));
+    // Each request's future borrows what the connection shares from this task, so a
+    // request writes no reference count on the shared `Gateway` (a cache line that would
+    // pass between cores with every request).
+    let conn = Connection {
+        gw: &gateway,
+        peer,
+        owned: &owned,
+        metrics: &log_metrics,
+    };
     let service = {
-        let watch = Arc::clone(&watch);
-        let owned = Arc::clone(&owned);
-        service_fn(move |req| {
-            serve_request(
-                Arc::clone(&gateway),
-                req,
-                peer,
-                Arc::clone(&watch),
-                Arc::clone(&owned),
-                reserve,
-            )
-        })
+        let (conn, watch) = (&conn, &watch);
+        service_fn(move |req| serve_request(conn, req, watch, reserve))
     };
     let connection = http
         .serve_connection(TokioIo::new(io), service)
@@ -272,11 +274,9 @@ async fn serve_connection(
 /// (set only when there is something to say, so an ordinary request allocates nothing),
 /// and what the response means for the connection comes back into its [`ConnectionWatch`].
 async fn serve_request(
-    gateway: Arc<Gateway>,
+    conn: &Connection<'_>,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
-    watch: Arc<ConnectionWatch>,
-    owned: Arc<OwnedBackend>,
+    watch: &Arc<ConnectionWatch>,
     reserve: bool,
 ) -> Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible> {
     let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
@@ -288,9 +288,9 @@ async fn serve_request(
     }
     // A WebSocket relay tells the watch once it holds the socket (see `hand_over`).
     if req.headers().contains_key(header::UPGRADE) {
-        req.extensions_mut().insert(Arc::clone(&watch));
+        req.extensions_mut().insert(Arc::clone(watch));
     }
-    let mut response = crate::gateway::handle(gateway, req, peer, owned).await?;
+    let mut response = crate::gateway::handle(conn, req).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         watch.set_upgraded();
     } else if chunked {

@@ -83,7 +83,7 @@ fn push_json_str(line: &mut String, value: &str) {
 /// What one request's access line says. The path is logged without its query string, which
 /// carries Engine.IO session ids and OAuth codes.
 pub struct AccessLog {
-    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub metrics: crate::metrics::MetricsHandle,
     pub route: crate::metrics::RouteClass,
     pub method: Method,
     pub uri: Uri,
@@ -234,7 +234,9 @@ mod tests {
     #[test]
     fn an_access_line_is_one_json_object() {
         let log = AccessLog {
-            metrics: std::sync::Arc::new(crate::metrics::Metrics::new()),
+            metrics: crate::metrics::MetricsHandle::new(std::sync::Arc::new(
+                crate::metrics::Metrics::new(),
+            )),
             route: crate::metrics::RouteClass::Backend,
             method: Method::GET,
             uri: Uri::from_static("/a%22b?sid=secret"),
