@@ -174,21 +174,6 @@ impl ProxyError {
     }
 }
 
-/// Whether a request is a browser loading a page (and so gets HTML rather than JSON).
-pub fn is_browser_navigation(method: &http::Method, headers: &http::HeaderMap) -> bool {
-    if method != http::Method::GET {
-        return false;
-    }
-    let navigate = headers
-        .get("sec-fetch-mode")
-        .is_some_and(|v| v.as_bytes() == b"navigate");
-    navigate
-        || headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("text/html"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,12 +17,12 @@ use crate::backend::pool::Routing;
 use crate::body::ProxyBody;
 use crate::client_io::FramingConflict;
 use crate::config::AuthStubMode;
-use crate::error::{ProxyError, is_browser_navigation};
+use crate::error::ProxyError;
 use crate::limits::{limit_class, origin_allowed};
 use crate::metrics::{MetricsHandle, RouteClass};
 use crate::monitor::{self, Probe};
 use crate::proxy::headers::{
-    X_FORWARDED_PROTO, X_REQUEST_ID, client_addr, harden_cookies, is_sane_request_id, is_trusted,
+    HeadFacts, X_FORWARDED_PROTO, X_REQUEST_ID, client_addr, harden_cookies, is_trusted,
     new_request_id,
 };
 use crate::proxy::{RequestContext, forward, websocket};
@@ -46,6 +46,7 @@ pub struct Connection<'a> {
 pub async fn handle(
     conn: &Connection<'_>,
     req: Request<Incoming>,
+    facts: HeadFacts,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let Connection {
         gw,
@@ -54,13 +55,13 @@ pub async fn handle(
         metrics,
     } = *conn;
     let started = Instant::now();
-    let ctx = context(gw, &req, peer);
+    let browser = facts.browser_navigation;
+    let ctx = context(gw, &req, peer, facts);
     // The route borrows the context's URI, so it is computed once and handed down.
     let route = classify(ctx.uri.path());
     let probe = is_probe(route);
     let class = route_class(route, ctx.upgrade);
     let method = req.method().clone();
-    let browser = is_browser_navigation(req.method(), req.headers());
     let engineio = matches!(route, Route::SocketIo { .. })
         || is_engineio(ctx.path(), ctx.uri.query(), &gw.config.routes.socketio_path);
     let result = match admit(gw, &req, &ctx, probe, engineio) {
@@ -104,22 +105,22 @@ pub async fn handle(
 }
 
 /// The per-request facts every phase reads, computed once.
-fn context(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr) -> RequestContext {
+fn context(
+    gw: &Gateway,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    facts: HeadFacts,
+) -> RequestContext {
     let peer = peer.ip();
     let trusted = &gw.config.limits.trusted_proxies;
-    let request_id = req
-        .headers()
-        .get(&X_REQUEST_ID)
-        .filter(|v| is_sane_request_id(v))
-        .cloned()
-        .unwrap_or_else(new_request_id);
+    let request_id = facts.request_id.unwrap_or_else(new_request_id);
     RequestContext {
         peer,
         trusted_peer: is_trusted(peer, trusted),
         client: client_addr(peer, req.headers(), trusted),
         request_id,
         uri: req.uri().clone(),
-        upgrade: websocket::is_upgrade_request(req),
+        upgrade: facts.websocket,
     }
 }
 
@@ -437,7 +438,7 @@ mod future_size {
     use super::*;
 
     /// The size of what `f` returns, without calling it.
-    fn returned_size<A, B, R>(_f: impl Fn(A, B) -> R) -> usize {
+    fn returned_size<A, B, C, R>(_f: impl Fn(A, B, C) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 

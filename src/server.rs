@@ -22,6 +22,7 @@ use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict}
 use crate::config::Config;
 use crate::gateway::Connection;
 use crate::metrics::MetricsHandle;
+use crate::proxy::headers::HeadFacts;
 use crate::responses::TOO_MANY_CONNECTIONS;
 use crate::state::{Gateway, PROBE_RESERVE, ProbeReserve};
 
@@ -279,7 +280,8 @@ async fn serve_request(
     watch: &Arc<ConnectionWatch>,
     reserve: bool,
 ) -> Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible> {
-    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    let facts = HeadFacts::of(req.method(), req.headers());
+    let chunked = facts.transfer_encoding;
     if chunked && watch.refuses_chunked() {
         req.extensions_mut().insert(FramingConflict);
     }
@@ -287,10 +289,10 @@ async fn serve_request(
         req.extensions_mut().insert(ProbeReserve);
     }
     // A WebSocket relay tells the watch once it holds the socket (see `hand_over`).
-    if req.headers().contains_key(header::UPGRADE) {
+    if facts.upgrade_field {
         req.extensions_mut().insert(Arc::clone(watch));
     }
-    let mut response = crate::gateway::handle(conn, req).await?;
+    let mut response = crate::gateway::handle(conn, req, facts).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         watch.set_upgraded();
     } else if chunked {

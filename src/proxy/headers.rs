@@ -110,13 +110,75 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// What the pipeline reads from a request's fields, gathered at the door in one walk over
+/// them. A lookup by name hashes the name and probes the map, absent or not; the seven
+/// lookups this replaces (bench/NOTES.md, issue 12) cost more than one walk over a request's
+/// fields, whose names compare cheaply (a standard name is a tag). Each fact means what
+/// the lookup it replaces meant; the property test below holds them to it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HeadFacts {
+    /// A `Transfer-Encoding` field is present.
+    pub transfer_encoding: bool,
+    /// An `Upgrade` field is present.
+    pub upgrade_field: bool,
+    /// A WebSocket upgrade (RFC 6455 §4.2.1): `Connection` names `upgrade` and `Upgrade`
+    /// names `websocket`, in any of their values.
+    pub websocket: bool,
+    /// The first `X-Request-Id`, when it is sane ([`is_sane_request_id`]).
+    pub request_id: Option<HeaderValue>,
+    /// A browser loading a page, so an error answers with HTML rather than JSON: a GET
+    /// whose first `Sec-Fetch-Mode` is `navigate` or whose first `Accept` names `text/html`.
+    pub browser_navigation: bool,
+}
+
+impl HeadFacts {
+    pub fn of(method: &http::Method, headers: &HeaderMap) -> HeadFacts {
+        let mut facts = HeadFacts::default();
+        let (mut connection_upgrade, mut upgrade_websocket) = (false, false);
+        // `get` reads a name's first value: later ones of the same name are skipped.
+        let (mut id_seen, mut mode_seen, mut accept_seen) = (false, false, false);
+        let (mut navigate, mut html) = (false, false);
+        // The values of one name come one after another, first value first.
+        for (name, value) in headers {
+            if name == header::TRANSFER_ENCODING {
+                facts.transfer_encoding = true;
+            } else if name == header::CONNECTION {
+                connection_upgrade = connection_upgrade || names_token(value, "upgrade");
+            } else if name == header::UPGRADE {
+                facts.upgrade_field = true;
+                upgrade_websocket = upgrade_websocket || names_token(value, "websocket");
+            } else if name == header::ACCEPT {
+                if !accept_seen {
+                    accept_seen = true;
+                    html = value.to_str().is_ok_and(|v| v.contains("text/html"));
+                }
+            } else if name == X_REQUEST_ID {
+                if !id_seen {
+                    id_seen = true;
+                    facts.request_id = is_sane_request_id(value).then(|| value.clone());
+                }
+            } else if name.as_str() == "sec-fetch-mode" && !mode_seen {
+                mode_seen = true;
+                navigate = value.as_bytes() == b"navigate";
+            }
+        }
+        facts.websocket = connection_upgrade && upgrade_websocket;
+        facts.browser_navigation = method == http::Method::GET && (navigate || html);
+        facts
+    }
+}
+
+/// Whether one value of a `Connection`-style header names `token`.
+fn names_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
 /// Whether a `Connection`-style header names `token` (comma-separated, case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    headers.get_all(name).iter().any(|v| names_token(v, token))
 }
 
 /// Whether `addr` falls in one of the trusted proxy networks.
@@ -745,8 +807,88 @@ mod properties {
         ]
     }
 
+    /// The facts by name, one lookup each: the model the property holds `HeadFacts` to.
+    fn facts_by_name(method: &http::Method, headers: &HeaderMap) -> HeadFacts {
+        let navigate = headers
+            .get("sec-fetch-mode")
+            .is_some_and(|v| v.as_bytes() == b"navigate");
+        let html = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/html"));
+        HeadFacts {
+            transfer_encoding: headers.contains_key(header::TRANSFER_ENCODING),
+            upgrade_field: headers.contains_key(header::UPGRADE),
+            websocket: has_token(headers, &header::CONNECTION, "upgrade")
+                && has_token(headers, &header::UPGRADE, "websocket"),
+            request_id: headers
+                .get(&X_REQUEST_ID)
+                .filter(|v| is_sane_request_id(v))
+                .cloned(),
+            browser_navigation: method == http::Method::GET && (navigate || html),
+        }
+    }
+
+    /// Names and values for the door's facts: the names it reads, in any case, and others.
+    fn fact_field() -> impl Strategy<Value = (String, String)> {
+        let names = prop::sample::select(vec![
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "accept",
+            "x-request-id",
+            "sec-fetch-mode",
+            "host",
+            "x-custom",
+        ]);
+        let name = prop_oneof![
+            names.clone().prop_map(str::to_owned),
+            names.prop_map(|s| s.to_ascii_uppercase()),
+            "[a-z][a-z0-9-]{0,12}",
+        ];
+        let words = prop::sample::select(vec![
+            "upgrade",
+            "Upgrade",
+            "websocket",
+            "WebSocket",
+            "keep-alive",
+            "navigate",
+            "text/html",
+            "application/json",
+            "chunked",
+            "",
+            " ",
+            "req-42",
+        ]);
+        let value = prop_oneof![
+            prop::collection::vec(words, 1..4).prop_map(|w| w.join(", ")),
+            "[ -~]{0,20}",
+            // Longer than a sane request id may be.
+            "[a-z]{120,140}",
+        ];
+        (name, value)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 1000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Whatever the request carries, the facts gathered in one walk are the facts the
+        /// lookups by name give.
+        #[test]
+        fn door_facts_equal_the_lookups(
+            fields in prop::collection::vec(fact_field(), 0..12),
+            get in any::<bool>(),
+        ) {
+            let mut headers = HeaderMap::new();
+            for (n, v) in &fields {
+                let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) else {
+                    continue;
+                };
+                headers.append(n, v);
+            }
+            let method = if get { http::Method::GET } else { http::Method::POST };
+            prop_assert_eq!(HeadFacts::of(&method, &headers), facts_by_name(&method, &headers));
+        }
 
         /// Whatever the request carries, from a trusted peer or not, the one-walk rewrite
         /// leaves exactly the fields the by-name rewrite left.

@@ -23,13 +23,6 @@ static SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocke
 static SEC_WEBSOCKET_EXTENSIONS: HeaderName = HeaderName::from_static("sec-websocket-extensions");
 static SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
 
-/// Whether a request asks for a WebSocket upgrade (`Connection` is matched by token:
-/// `keep-alive, Upgrade` is common).
-pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
-    has_token(req.headers(), &header::CONNECTION, "upgrade")
-        && has_token(req.headers(), &header::UPGRADE, "websocket")
-}
-
 /// Checks the client's handshake (RFC 6455 §4.2.1) and returns its key. A bad one is
 /// refused here and never reaches the backend.
 pub fn validate_handshake<B>(req: &Request<B>) -> Result<HeaderValue, ProxyError> {
@@ -428,12 +421,17 @@ mod tests {
 
     #[test]
     fn upgrade_requests_are_recognised_by_token() {
-        assert!(is_upgrade_request(&upgrade(GOOD)));
-        assert!(!is_upgrade_request(&upgrade(&[("upgrade", "websocket")])));
-        assert!(!is_upgrade_request(&upgrade(&[
+        // `Connection` is matched by token: `keep-alive, Upgrade` is common.
+        let is_upgrade = |fields| {
+            let req = upgrade(fields);
+            crate::proxy::headers::HeadFacts::of(req.method(), req.headers()).websocket
+        };
+        assert!(is_upgrade(GOOD));
+        assert!(!is_upgrade(&[("upgrade", "websocket")]));
+        assert!(!is_upgrade(&[
             ("connection", "upgrade"),
             ("upgrade", "h2c")
-        ])));
+        ]));
     }
 
     #[test]

@@ -41,8 +41,6 @@ use liveness::WriteWatch;
 use pump::{CLOSE_TIMEOUT, RelaySettings, close_frame};
 use stats::{RelayLine, RelayStats};
 
-pub use handshake::is_upgrade_request;
-
 /// Each leg's read buffer. tungstenite allocates it eagerly (default 128 KiB, ~256 KiB per
 /// relay); chat messages are small, and a larger message just takes more reads.
 pub const READ_BUFFER: usize = 512;
