@@ -1,7 +1,86 @@
-//! Shutdown signals: SIGTERM (what Azure Container Apps and Docker send) and SIGINT.
+//! Shutdown signals: SIGTERM (what Azure Container Apps and Docker send) and SIGINT, and
+//! [`Shutdown`], the signal every connection and relay watches for.
 //!
 //! The handlers are installed by [`Signals::install`] before the listener is bound: a
 //! SIGTERM that arrives as soon as the port accepts must drain, not kill, the process.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// The process's shutdown: a `CancellationToken` with a flag beside it, so that a busy
+/// task can watch for it cheaply.
+///
+/// Why not the token alone: its `cancelled()` future takes the token's mutex and its waiter
+/// list's mutex on every poll, and every connection shares both. A client connection's task
+/// is polled some five times per request, a relay's per message: that was 800 instructions
+/// per proxied request, and on several cores two locks every core takes (bench/NOTES.md,
+/// issue 12). tokio's `Notify` and `watch` poll the same way, and no crate offers a cheaper
+/// poll; [`Cancelled`] polls the token's future only to register its task.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+    begun: Arc<AtomicBool>,
+}
+
+impl Shutdown {
+    /// Begins the shutdown: every [`Cancelled`] resolves.
+    pub fn cancel(&self) {
+        // The flag first: a task the token wakes must find it set.
+        self.begun.store(true, Ordering::SeqCst);
+        self.token.cancel();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.begun.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the shutdown has begun; cheap to poll again and again (see [`Shutdown`]).
+    pub fn cancelled(&self) -> Cancelled<'_> {
+        Cancelled {
+            begun: &self.begun,
+            registered: None,
+            inner: self.token.cancelled(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`Shutdown::cancelled`]. Polls the token's own future to register the task's
+    /// waker with the token, and again only if the task's waker changes (a tokio task's
+    /// never does); otherwise a poll reads the flag and nothing else.
+    pub struct Cancelled<'a> {
+        begun: &'a AtomicBool,
+        registered: Option<Waker>,
+        #[pin]
+        inner: WaitForCancellationFuture<'a>,
+    }
+}
+
+impl Future for Cancelled<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.begun.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            // The token holds this waker: `cancel` wakes it after setting the flag.
+            return Poll::Pending;
+        }
+        *this.registered = Some(cx.waker().clone());
+        this.inner.poll(cx)
+    }
+}
 
 /// Installed SIGTERM and SIGINT handlers.
 pub struct Signals {
@@ -39,5 +118,67 @@ impl Signals {
         {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll(fut: Pin<&mut Cancelled<'_>>, count: &Arc<Count>) -> Poll<()> {
+        let waker = Waker::from(Arc::clone(count));
+        fut.poll(&mut Context::from_waker(&waker))
+    }
+
+    #[test]
+    fn cancel_wakes_the_waiting_task_and_resolves_it() {
+        let shutdown = Shutdown::default();
+        let fut = shutdown.cancelled();
+        tokio::pin!(fut);
+        let task = Arc::new(Count::default());
+        // Polled again and again (the task's other work waking it), it stays pending.
+        for _ in 0..5 {
+            assert!(poll(fut.as_mut(), &task).is_pending());
+        }
+        assert_eq!(task.0.load(Ordering::SeqCst), 0);
+        shutdown.clone().cancel();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "cancel wakes the task");
+        assert!(poll(fut.as_mut(), &task).is_ready());
+        assert!(shutdown.is_cancelled());
+    }
+
+    #[test]
+    fn a_new_waker_is_the_one_woken() {
+        let shutdown = Shutdown::default();
+        let fut = shutdown.cancelled();
+        tokio::pin!(fut);
+        let (first, second) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        assert!(poll(fut.as_mut(), &first).is_pending());
+        // The future moved to another task: that task must be woken, not the first.
+        assert!(poll(fut.as_mut(), &second).is_pending());
+        shutdown.cancel();
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(poll(fut.as_mut(), &second).is_ready());
+    }
+
+    #[test]
+    fn after_cancel_a_new_watch_is_ready_at_once() {
+        let shutdown = Shutdown::default();
+        shutdown.cancel();
+        let fut = shutdown.cancelled();
+        tokio::pin!(fut);
+        assert!(poll(fut.as_mut(), &Arc::new(Count::default())).is_ready());
     }
 }

@@ -18,6 +18,7 @@ use crate::chat::limits::{ChatLimits, Refusal};
 use crate::config::Config;
 use crate::limits::{LimitClass, RateLimits};
 use crate::metrics::{Gauges, Metrics};
+use crate::shutdown::Shutdown;
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Gateway {
@@ -29,7 +30,7 @@ pub struct Gateway {
     /// What chatgate carries right now.
     pub load: Arc<ProxyLoad>,
     /// Cancelled on shutdown: connections drain, relays close with 1001.
-    pub shutdown: CancellationToken,
+    pub shutdown: Shutdown,
     /// Client connections and WebSocket relays, waited for on shutdown.
     pub tasks: TaskTracker,
     pub metrics: Arc<Metrics>,
@@ -140,7 +141,7 @@ impl Gateway {
             config,
             workers: Arc::new(workers),
             load: Arc::new(ProxyLoad::default()),
-            shutdown: CancellationToken::new(),
+            shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
             metrics,
             limits,

@@ -18,12 +18,12 @@ use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
 
 use super::liveness::{Keepalive, Tick, WriteStall, WriteWatch};
 use super::stats::{Counts, RelayStats};
 use crate::chat::{ChatRelay, Verdict};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// How long a closing handshake may take before the connections are dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -37,7 +37,7 @@ const KEEPALIVE_PAYLOAD: &[u8] = b"chatgate-keepalive";
 pub struct RelaySettings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
-    pub shutdown: CancellationToken,
+    pub shutdown: Shutdown,
     /// Message counts are added here at each keep-alive tick and at the end, not per
     /// message: a long chat shows up within one ping interval, at no per-message cost.
     pub metrics: Arc<Metrics>,
@@ -530,7 +530,7 @@ mod tests {
         DuplexStream,
         WebSocketStream<DuplexStream>,
         tokio::task::JoinHandle<RelayStats>,
-        CancellationToken,
+        Shutdown,
     ) {
         let (client_peer, client_leg) = tokio::io::duplex(client_pipe);
         let (backend_leg, backend_peer) = tokio::io::duplex(64 * 1024);
@@ -538,7 +538,7 @@ mod tests {
             WebSocketStream::from_raw_socket(WriteWatch::new(client_leg), Role::Server, None).await;
         let backend_leg = WebSocketStream::from_raw_socket(backend_leg, Role::Client, None).await;
         let backend_peer = WebSocketStream::from_raw_socket(backend_peer, Role::Server, None).await;
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::default();
         let settings = RelaySettings {
             ping_interval,
             pong_timeout,
@@ -567,7 +567,7 @@ mod tests {
         WebSocketStream<DuplexStream>,
         WebSocketStream<DuplexStream>,
         tokio::task::JoinHandle<RelayStats>,
-        CancellationToken,
+        Shutdown,
     ) {
         let (client_peer, backend_peer, task, shutdown) =
             relay_raw(64 * 1024, ping_interval, pong_timeout).await;
@@ -772,7 +772,7 @@ mod tests {
         let settings = RelaySettings {
             ping_interval: INTERVAL,
             pong_timeout: TIMEOUT,
-            shutdown: CancellationToken::new(),
+            shutdown: Shutdown::default(),
             metrics: Arc::new(Metrics::new()),
             drain_grace: Duration::from_secs(20),
         };
