@@ -8,56 +8,66 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
-/// The process's shutdown: a `CancellationToken` with a flag beside it, so that a busy
-/// task can watch for it cheaply.
+/// The process's shutdown, which every connection and relay watches for: a flag and a
+/// `Notify` to wake the watchers.
 ///
-/// Why not the token alone: its `cancelled()` future takes the token's mutex and its waiter
-/// list's mutex on every poll, and every connection shares both. A client connection's task
-/// is polled some five times per request, a relay's per message: that was 800 instructions
-/// per proxied request, and on several cores two locks every core takes (bench/NOTES.md,
-/// issue 12). tokio's `Notify` and `watch` poll the same way, and no crate offers a cheaper
-/// poll; [`Cancelled`] polls the token's future only to register its task.
+/// Why not tokio-util's `CancellationToken`: its `cancelled()` future takes the token's
+/// mutex and its waiter list's mutex on every poll, and every connection shares both. A
+/// client connection's task is polled some five times per request, a relay's per message:
+/// that was 800 instructions per proxied request, and on several cores two locks every core
+/// takes (bench/NOTES.md, issue 12). tokio's `Notify` locks the same way when polled, and no
+/// crate offers a cheaper poll, so [`Cancelled`] polls its `Notified` only to register the
+/// task, then reads the flag. One pointer wide, like the token: every idle relay holds one.
 #[derive(Clone, Debug, Default)]
-pub struct Shutdown {
-    token: CancellationToken,
-    begun: Arc<AtomicBool>,
+pub struct Shutdown(Arc<Signal>);
+
+#[derive(Debug, Default)]
+struct Signal {
+    begun: AtomicBool,
+    notify: Notify,
 }
 
 impl Shutdown {
     /// Begins the shutdown: every [`Cancelled`] resolves.
     pub fn cancel(&self) {
-        // The flag first: a task the token wakes must find it set.
-        self.begun.store(true, Ordering::SeqCst);
-        self.token.cancel();
+        // The flag first: a task woken below must find it set.
+        self.0.begun.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.begun.load(Ordering::Acquire)
+        self.0.begun.load(Ordering::Acquire)
     }
 
     /// Resolves once the shutdown has begun; cheap to poll again and again (see [`Shutdown`]).
     pub fn cancelled(&self) -> Cancelled<'_> {
         Cancelled {
-            begun: &self.begun,
-            registered: None,
-            inner: self.token.cancelled(),
+            begun: &self.0.begun,
+            task: None,
+            // Made now: a `notify_waiters` after this and before the first poll still
+            // counts for it (tokio's `Notified` contract), and the flag covers the rest.
+            notified: self.0.notify.notified(),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// See [`Shutdown::cancelled`]. Polls the token's own future to register the task's
-    /// waker with the token, and again only if the task's waker changes (a tokio task's
-    /// never does); otherwise a poll reads the flag and nothing else.
+    /// See [`Shutdown::cancelled`]. Its `Notified` is polled to register the task's waker,
+    /// and again only when the poll comes with another task's waker; otherwise a poll reads
+    /// the flag and nothing else.
     pub struct Cancelled<'a> {
         begun: &'a AtomicBool,
-        registered: Option<Waker>,
+        // The registered waker's data pointer (a tokio task's own address): enough to tell
+        // another task's waker, in one word where a stored `Waker` would take two, and every
+        // idle relay holds this future.
+        task: Option<std::num::NonZeroUsize>,
         #[pin]
-        inner: WaitForCancellationFuture<'a>,
+        notified: Notified<'a>,
     }
 }
 
@@ -69,16 +79,13 @@ impl Future for Cancelled<'_> {
         if this.begun.load(Ordering::Acquire) {
             return Poll::Ready(());
         }
-        if this
-            .registered
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()))
-        {
-            // The token holds this waker: `cancel` wakes it after setting the flag.
+        let task = std::num::NonZeroUsize::new(cx.waker().data() as usize);
+        if task.is_some() && *this.task == task {
+            // `Notified` holds this task's waker: `cancel` wakes it after setting the flag.
             return Poll::Pending;
         }
-        *this.registered = Some(cx.waker().clone());
-        this.inner.poll(cx)
+        *this.task = task;
+        this.notified.poll(cx)
     }
 }
 
@@ -125,7 +132,7 @@ impl Signals {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
-    use std::task::Wake;
+    use std::task::{Wake, Waker};
 
     /// A waker that counts its wake-ups.
     #[derive(Default)]

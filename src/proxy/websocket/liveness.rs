@@ -97,44 +97,40 @@ impl Keepalive {
 /// relay ends. A slow client (taking bytes, however few) is never cut off by this rule; a
 /// client that stopped reading (zero TCP window) is, even though chatgate's buffers, not the
 /// client, hold what it has not read.
-#[derive(Debug)]
+///
+/// The timeout comes with each look rather than being kept: every idle relay holds one of
+/// these, and its future sits just under an allocator size class (bench/NOTES.md).
+#[derive(Debug, Default)]
 pub struct WriteStall {
-    timeout: Duration,
-    /// Since when the socket refused bytes without taking any.
-    since: Option<Instant>,
-    /// The socket's byte count at `since` (or at the last look while blocked).
+    /// When the relay gives up, counted from when the socket refused bytes without taking
+    /// any.
+    deadline: Option<Instant>,
+    /// The socket's byte count when the clock started (or at the last look while blocked).
     written: u64,
 }
 
 impl WriteStall {
-    pub fn new(timeout: Duration) -> WriteStall {
-        WriteStall {
-            timeout,
-            since: None,
-            written: 0,
-        }
-    }
-
-    /// The socket refused its latest write (at `now`), having taken `written` bytes in all.
-    pub fn blocked(&mut self, now: Instant, written: u64) {
-        if self.since.is_none() || written != self.written {
-            self.since = Some(now);
+    /// The socket refused its latest write (at `now`), having taken `written` bytes in all;
+    /// the clock, if it starts now, runs for `timeout`.
+    pub fn blocked(&mut self, now: Instant, written: u64, timeout: Duration) {
+        if self.deadline.is_none() || written != self.written {
+            self.deadline = Some(now + timeout);
         }
         self.written = written;
     }
 
     /// The socket took everything offered to it.
     pub fn flowing(&mut self) {
-        self.since = None;
+        self.deadline = None;
     }
 
     /// When the relay gives up unless the socket takes a byte first.
     pub fn deadline(&self) -> Option<Instant> {
-        self.since.map(|since| since + self.timeout)
+        self.deadline
     }
 
     pub fn stalled(&self, now: Instant) -> bool {
-        self.deadline().is_some_and(|deadline| now >= deadline)
+        self.deadline.is_some_and(|deadline| now >= deadline)
     }
 }
 
@@ -291,12 +287,12 @@ mod tests {
     #[test]
     fn write_stall_a_socket_that_takes_nothing_stalls_after_the_timeout() {
         let t0 = Instant::now();
-        let mut w = WriteStall::new(TIMEOUT);
+        let mut w = WriteStall::default();
         assert_eq!(w.deadline(), None);
-        w.blocked(t0, 4096);
+        w.blocked(t0, 4096, TIMEOUT);
         assert_eq!(w.deadline(), Some(t0 + TIMEOUT));
         // Looking again without progress keeps the clock running.
-        w.blocked(t0 + 10 * SECOND, 4096);
+        w.blocked(t0 + 10 * SECOND, 4096, TIMEOUT);
         assert!(!w.stalled(t0 + TIMEOUT - SECOND));
         assert!(w.stalled(t0 + TIMEOUT));
     }
@@ -304,10 +300,10 @@ mod tests {
     #[test]
     fn write_stall_every_byte_taken_restarts_the_clock() {
         let t0 = Instant::now();
-        let mut w = WriteStall::new(TIMEOUT);
-        w.blocked(t0, 4096);
+        let mut w = WriteStall::default();
+        w.blocked(t0, 4096, TIMEOUT);
         // One byte taken 19 s later, still blocked after it: a slow client, not a stuck one.
-        w.blocked(t0 + 19 * SECOND, 4097);
+        w.blocked(t0 + 19 * SECOND, 4097, TIMEOUT);
         assert!(!w.stalled(t0 + TIMEOUT));
         assert_eq!(w.deadline(), Some(t0 + 19 * SECOND + TIMEOUT));
     }
@@ -315,13 +311,13 @@ mod tests {
     #[test]
     fn write_stall_a_flowing_socket_has_no_deadline() {
         let t0 = Instant::now();
-        let mut w = WriteStall::new(TIMEOUT);
-        w.blocked(t0, 0);
+        let mut w = WriteStall::default();
+        w.blocked(t0, 0, TIMEOUT);
         w.flowing();
         assert_eq!(w.deadline(), None);
         assert!(!w.stalled(t0 + 10 * TIMEOUT));
         // Blocked again later: a fresh clock, whatever the count.
-        w.blocked(t0 + 100 * SECOND, 0);
+        w.blocked(t0 + 100 * SECOND, 0, TIMEOUT);
         assert_eq!(w.deadline(), Some(t0 + 100 * SECOND + TIMEOUT));
     }
 

@@ -233,10 +233,13 @@ mod future_size {
     #[test]
     fn an_idle_relay_holds_a_small_pump() {
         // The pump's future lives as long as the relay: with its close paths inline it
-        // was 2,528 bytes (release), part of every idle relay's memory.
+        // was 2,528 bytes (release), part of every idle relay's memory. It also sits just
+        // under a size class: the relay's task (this future and about 920 bytes more) fits
+        // jemalloc's 3,584-byte class, and 8 bytes more moved it to the next one, 0.5 KiB
+        // per idle relay (bench/NOTES.md). The bench's idle figure is the exact check.
         let size = returned_size(
             pump::pump::<TokioIo<hyper::upgrade::Upgraded>, crate::backend::client::BackendStream>,
         );
-        assert!(size <= 2600, "the pump's future is {size} bytes");
+        assert!(size <= 2100, "the pump's future is {size} bytes");
     }
 }

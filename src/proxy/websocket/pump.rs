@@ -238,7 +238,7 @@ where
         settings.pong_timeout,
         Instant::now(),
     );
-    let mut stall = WriteStall::new(settings.pong_timeout);
+    let mut stall = WriteStall::default();
     let mut keepalive_next = Instant::now() + settings.ping_interval;
     let mut reported = (0u64, 0u64);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(keepalive_next));
@@ -348,7 +348,7 @@ where
             }
             let watch = client.get_ref();
             if watch.is_blocked() {
-                stall.blocked(Instant::now(), watch.written());
+                stall.blocked(Instant::now(), watch.written(), settings.pong_timeout);
             } else {
                 stall.flowing();
             }
