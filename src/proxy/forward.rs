@@ -2,6 +2,7 @@
 //! bodies streamed frame by frame both ways, no redirect followed.
 
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -373,11 +374,25 @@ async fn send(
     }
     let timeout = gw.config.backend.response_timeout;
     let mut timer = owned.timer(Instant::now() + timeout);
-    let result = tokio::select! {
-        biased;
-        result = &mut response => result.map_err(SendError::backend),
-        () = timer.as_mut() => Err(SendError::Timeout(timeout)),
-    };
+    // The timer is polled once, to arm it with this task's waker, and again only once it
+    // has fired (or the waker changed): a `select!` would poll it on every wake-up of the
+    // connection's task, some three per request, each a registration with the timer
+    // (bench/NOTES.md, issue 12).
+    let mut armed: Option<Waker> = None;
+    let result = std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = response.as_mut().poll(cx) {
+            return Poll::Ready(result.map_err(SendError::backend));
+        }
+        let same_task = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if !same_task || timer.is_elapsed() {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(SendError::Timeout(timeout)));
+            }
+            armed = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    })
+    .await;
     owned.put_timer(timer);
     result
 }
