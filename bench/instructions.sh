@@ -9,7 +9,8 @@
 # The proxy runs under callgrind on one CPU (so chatgate picks its current-thread runtime),
 # is warmed up, then its counters are zeroed, loaded with wrk (8 connections, GET 2 KiB) for
 # DUR seconds and dumped. Prints Ir per request, then the top functions (inclusive) when the
-# binary has symbols. Knobs: DUR=10, PORT_BASE=19480, KEEP=FILE to keep the callgrind dump,
+# binary has symbols. LOAD=ws counts per WebSocket echo round trip instead (ws-load, 8
+# relays, 128-byte messages). Knobs: DUR=10, PORT_BASE=19480, KEEP=FILE to keep the dump,
 # BACKEND_BIN (default: bench-backend beside the release build, else in target/release).
 # Needs valgrind, wrk and a release build of bench-backend. Fails, naming the cause, when the
 # backend does not come up or any measured response is not a 2xx: a count of error answers
@@ -57,15 +58,30 @@ for _ in $(seq 1 200); do
     curl -s -o /dev/null "$url" && break
     sleep 0.1
 done
-taskset -c 0 wrk -t1 -c8 -d2s "$url" >/dev/null
-callgrind_control -z "$pid" >/dev/null
-out=$(taskset -c 0 wrk -t1 -c8 -d"${DUR}s" "$url")
-callgrind_control -d "$pid" >/dev/null
-requests=$(awk '/requests in/ {print $1}' <<<"$out")
-if grep -q 'Non-2xx' <<<"$out"; then
-    echo "some responses were not 2xx, so this is not a count of proxied requests:" >&2
-    echo "$out" >&2
-    exit 1
+if [[ ${LOAD:-http} == ws ]]; then
+    # WebSocket echo: 8 relays, one 128-byte message in flight on each; a "request" is one
+    # round trip (the proxy relays the message both ways).
+    ws_url=ws://127.0.0.1:$((port + 1))/ws/echo
+    taskset -c 0 "$(dirname "$BACKEND_BIN")/ws-load" --url "$ws_url" --connections 8 --duration 2 >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    out=$(taskset -c 0 "$(dirname "$BACKEND_BIN")/ws-load" --url "$ws_url" --connections 8 --duration "$DUR")
+    callgrind_control -d "$pid" >/dev/null
+    requests=$(sed -n 's/.*messages=\([0-9]*\).*/\1/p' <<<"$out")
+    if ! grep -q 'errors=0' <<<"$out"; then
+        echo "ws-load reported errors, so this is not a count of relayed messages: $out" >&2
+        exit 1
+    fi
+else
+    taskset -c 0 wrk -t1 -c8 -d2s "$url" >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    out=$(taskset -c 0 wrk -t1 -c8 -d"${DUR}s" "$url")
+    callgrind_control -d "$pid" >/dev/null
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    if grep -q 'Non-2xx' <<<"$out"; then
+        echo "some responses were not 2xx, so this is not a count of proxied requests:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
 fi
 if [[ -z $requests || $requests == 0 ]]; then
     echo "no request was served under callgrind; its log: $WORK/valgrind" >&2
@@ -76,6 +92,8 @@ fi
 dump=$(find "$WORK" -name 'out.*' | sort | tail -1)
 if [[ -n ${KEEP:-} ]]; then cp "$dump" "$KEEP"; fi
 total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-awk -v t="$total" -v q="$requests" 'BEGIN { printf "%d requests, %.0f instructions per request\n", q, t / q }'
+unit=request
+[[ ${LOAD:-http} == ws ]] && unit="round trip"
+awk -v t="$total" -v q="$requests" -v u="$unit" 'BEGIN { printf "%d %ss, %.0f instructions per %s\n", q, u, t / q, u }'
 # awk, not head: it reads to the end, so no SIGPIPE fails the script under pipefail.
 callgrind_annotate --inclusive=yes "$@" "$dump" 2>/dev/null | sed -n '/file:function/,$p' | awk 'NR <= 60'
