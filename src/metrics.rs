@@ -148,6 +148,10 @@ pub struct Metrics {
 /// request writes a count in the connection's own allocation; an `Arc<Metrics>` clone would
 /// write the shared one, a cache line every core's requests then pass between them.
 #[derive(Clone)]
+#[allow(
+    clippy::redundant_allocation,
+    reason = "the outer Arc is the connection's own count, the point of this type"
+)]
 pub struct MetricsHandle(std::sync::Arc<std::sync::Arc<Metrics>>);
 
 impl MetricsHandle {
