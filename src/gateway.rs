@@ -32,7 +32,8 @@ use crate::state::{Gateway, ProbeReserve};
 use crate::telemetry::AccessLog;
 
 /// What a client connection's requests share, borrowed by each request's future from the
-/// connection's task: no reference count is written per request (see [`MetricsHandle`]).
+/// connection's task: a request writes no count on the shared `Gateway` or `Metrics` (the
+/// access line's [`MetricsHandle`] counts in the connection's own allocation).
 pub struct Connection<'a> {
     pub gw: &'a Gateway,
     pub peer: SocketAddr,

@@ -64,7 +64,8 @@ pin_project_lite::pin_project! {
         begun: &'a AtomicBool,
         // The registered waker's data pointer (a tokio task's own address): enough to tell
         // another task's waker, in one word where a stored `Waker` would take two, and every
-        // idle relay holds this future.
+        // idle relay holds this future. Two wakers with one data pointer and different
+        // vtables would pass for one; tokio's, the only executor chatgate runs on, do not.
         task: Option<std::num::NonZeroUsize>,
         #[pin]
         notified: Notified<'a>,

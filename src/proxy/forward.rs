@@ -1,8 +1,9 @@
 //! The streaming HTTP forwarder: one client request to the backend and its response back,
 //! bodies streamed frame by frame both ways, no redirect followed.
 
+use std::future::Future as _;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -12,7 +13,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::backend::affinity::{is_sane_sid, query_param, unknown_session};
 use crate::backend::client::LegError;
@@ -374,27 +375,47 @@ async fn send(
     }
     let timeout = gw.config.backend.response_timeout;
     let mut timer = owned.timer(Instant::now() + timeout);
-    // The timer is polled once, to arm it with this task's waker, and again only once it
-    // has fired (or the waker changed): a `select!` would poll it on every wake-up of the
-    // connection's task, some three per request, each a registration with the timer
-    // (bench/NOTES.md, issue 12).
-    let mut armed: Option<Waker> = None;
+    let mut gate = TimerGate::default();
     let result = std::future::poll_fn(|cx| {
         if let Poll::Ready(result) = response.as_mut().poll(cx) {
             return Poll::Ready(result.map_err(SendError::backend));
         }
-        let same_task = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if !same_task || timer.is_elapsed() {
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(SendError::Timeout(timeout)));
-            }
-            armed = Some(cx.waker().clone());
+        if gate.poll(timer.as_mut(), cx).is_ready() {
+            return Poll::Ready(Err(SendError::Timeout(timeout)));
         }
         Poll::Pending
     })
     .await;
     owned.put_timer(timer);
     result
+}
+
+/// The response timer, polled to arm it and then only once it has fired (or the task's
+/// waker changed). In a `select!` it was polled on every wake-up of the connection's task,
+/// some three times per request, each an update of its registration and a budget check
+/// (bench/NOTES.md, issue 12).
+///
+/// Armed only by a poll that had cooperative budget left: without budget, tokio's `Sleep`
+/// returns `Pending` before it registers anything (it only reschedules the task), and
+/// counting that poll as arming would leave a hung backend without a timeout.
+#[derive(Default)]
+struct TimerGate {
+    armed: Option<Waker>,
+}
+
+impl TimerGate {
+    fn poll(&mut self, timer: std::pin::Pin<&mut Sleep>, cx: &mut Context<'_>) -> Poll<()> {
+        let same_task = self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_task && !timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        let budget = tokio::task::coop::has_budget_remaining();
+        let polled = timer.poll(cx);
+        if polled.is_pending() && budget {
+            self.armed = Some(cx.waker().clone());
+        }
+        polled
+    }
 }
 
 /// A failed send: no connection, the connection failed (with the request back when none
@@ -533,6 +554,32 @@ mod tests {
         assert_eq!(guess_content_type("/project/settings"), None);
         assert_eq!(guess_content_type("/"), None);
         assert_eq!(guess_content_type("/a.b/c"), None);
+    }
+
+    #[tokio::test]
+    async fn a_response_timer_first_polled_without_budget_still_fires() {
+        let timer = tokio::time::sleep(Duration::from_millis(50));
+        tokio::pin!(timer);
+        let mut gate = TimerGate::default();
+        let mut first = true;
+        let fired = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| {
+                if std::mem::take(&mut first) {
+                    // The task's budget used up before the timer's first poll, as the
+                    // last frames of a large upload can leave it.
+                    loop {
+                        let spend = std::pin::pin!(tokio::task::consume_budget());
+                        if spend.poll(cx).is_pending() {
+                            break;
+                        }
+                    }
+                }
+                gate.poll(timer.as_mut(), cx)
+            }),
+        )
+        .await;
+        assert!(fired.is_ok(), "the response timer never fired");
     }
 
     #[test]

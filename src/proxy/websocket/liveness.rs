@@ -99,7 +99,7 @@ impl Keepalive {
 /// client, hold what it has not read.
 ///
 /// The timeout comes with each look rather than being kept: every idle relay holds one of
-/// these, and its future sits just under an allocator size class (bench/NOTES.md).
+/// these, and the relay's task sits just under an allocator size class (bench/NOTES.md).
 #[derive(Debug, Default)]
 pub struct WriteStall {
     /// When the relay gives up, counted from when the socket refused bytes without taking
