@@ -12,9 +12,10 @@
 # binary has symbols. LOAD=ws counts per WebSocket echo round trip instead (ws-load, 8
 # relays, 128-byte messages). Knobs: DUR=10, PORT_BASE=19480, KEEP=FILE to keep the dump,
 # BACKEND_BIN (default: bench-backend beside the release build, else in target/release).
-# Needs valgrind, wrk and a release build of bench-backend. Fails, naming the cause, when the
-# backend does not come up or any measured response is not a 2xx: a count of error answers
-# is not a count of proxied requests.
+# Needs valgrind, wrk and a release build of bench-backend (and ws-load for LOAD=ws). Fails,
+# naming the cause, when the backend does not come up, any measured response is a 4xx or 5xx
+# (wrk's "Non-2xx or 3xx"), wrk saw socket errors, or ws-load saw errors: a count of error
+# answers is not a count of proxied requests.
 set -euo pipefail
 
 COMMAND=$1
@@ -30,8 +31,21 @@ log() { printf '[instructions %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-BACKEND_BIN=${BACKEND_BIN:-$BIN/bench-backend}
-[[ -x $BACKEND_BIN ]] || BACKEND_BIN=$ROOT/target/release/bench-backend
+case ${LOAD:-http} in
+http | ws) ;;
+*)
+    echo "LOAD=$LOAD: use http (the default) or ws" >&2
+    exit 1
+    ;;
+esac
+if [[ -n ${BACKEND_BIN:-} && ! -x $BACKEND_BIN ]]; then
+    echo "BACKEND_BIN=$BACKEND_BIN is not an executable" >&2
+    exit 1
+fi
+if [[ -z ${BACKEND_BIN:-} ]]; then
+    BACKEND_BIN=$BIN/bench-backend
+    [[ -x $BACKEND_BIN ]] || BACKEND_BIN=$ROOT/target/release/bench-backend
+fi
 if [[ ! -x $BACKEND_BIN ]]; then
     echo "no bench-backend at $BIN or $ROOT/target/release: cargo build --release -p chatgate-bench" >&2
     exit 1
@@ -62,9 +76,15 @@ if [[ ${LOAD:-http} == ws ]]; then
     # WebSocket echo: 8 relays, one 128-byte message in flight on each; a "request" is one
     # round trip (the proxy relays the message both ways).
     ws_url=ws://127.0.0.1:$((port + 1))/ws/echo
-    taskset -c 0 "$(dirname "$BACKEND_BIN")/ws-load" --url "$ws_url" --connections 8 --duration 2 >/dev/null
+    ws_load=$(dirname "$BACKEND_BIN")/ws-load
+    if [[ ! -x $ws_load ]]; then
+        echo "no ws-load beside bench-backend ($ws_load): cargo build --release -p chatgate-bench" >&2
+        exit 1
+    fi
+    # ws-load exits non-zero when it saw errors; its own line says which, reported below.
+    taskset -c 0 "$ws_load" --url "$ws_url" --connections 8 --duration 2 >/dev/null || true
     callgrind_control -z "$pid" >/dev/null
-    out=$(taskset -c 0 "$(dirname "$BACKEND_BIN")/ws-load" --url "$ws_url" --connections 8 --duration "$DUR")
+    out=$(taskset -c 0 "$ws_load" --url "$ws_url" --connections 8 --duration "$DUR") || true
     callgrind_control -d "$pid" >/dev/null
     requests=$(sed -n 's/.*messages=\([0-9]*\).*/\1/p' <<<"$out")
     if ! grep -q 'errors=0' <<<"$out"; then
@@ -77,8 +97,8 @@ else
     out=$(taskset -c 0 wrk -t1 -c8 -d"${DUR}s" "$url")
     callgrind_control -d "$pid" >/dev/null
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    if grep -q 'Non-2xx' <<<"$out"; then
-        echo "some responses were not 2xx, so this is not a count of proxied requests:" >&2
+    if grep -q -e 'Non-2xx' -e 'Socket errors' <<<"$out"; then
+        echo "some responses were errors, so this is not a count of proxied requests:" >&2
         echo "$out" >&2
         exit 1
     fi
