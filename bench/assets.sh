@@ -79,14 +79,6 @@ cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 now() { date +%s.%N; }
 free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-wait_http_200() { # url seconds
-    local deadline=$((SECONDS + $2))
-    while ((SECONDS < deadline)); do
-        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1") == 200 ]] && return 0
-        sleep 0.2
-    done
-    return 1
-}
 
 # One fresh page load: the HTML, then the bundle; prints "<ms> <bundle bytes> <encoding>".
 page_load() { # base bundle-path

@@ -52,11 +52,7 @@ if [[ ! -x $BACKEND_BIN ]]; then
 fi
 taskset -c 0 "$BACKEND_BIN" --listen "127.0.0.1:$port" >"$WORK/backend.log" 2>&1 &
 STARTED+=($!)
-for _ in $(seq 1 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$port/page" && break
-    sleep 0.1
-done
-if ! curl -s -o /dev/null "http://127.0.0.1:$port/page"; then
+if ! wait_http_200 "http://127.0.0.1:$port/page" 10; then
     echo "bench-backend did not answer on 127.0.0.1:$port; its log: $WORK/backend.log" >&2
     exit 1
 fi
@@ -68,10 +64,11 @@ taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$WORK/out" $cmd >"$
 pid=$!
 STARTED+=("$pid")
 url=http://127.0.0.1:$((port + 1))/page
-for _ in $(seq 1 200); do
-    curl -s -o /dev/null "$url" && break
-    sleep 0.1
-done
+# Slow to start under valgrind.
+if ! wait_http_200 "$url" 60; then
+    echo "the proxy did not answer on $url under callgrind; its log: $WORK/valgrind" >&2
+    exit 1
+fi
 if [[ ${LOAD:-http} == ws ]]; then
     # WebSocket echo: 8 relays, one 128-byte message in flight on each; a "request" is one
     # round trip (the proxy relays the message both ways).

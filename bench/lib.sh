@@ -39,6 +39,16 @@ forget_pid() {
     STARTED=("${keep[@]}")
 }
 
+# Waits until URL answers 200, for up to SECONDS; fails when it never does.
+wait_http_200() { # url seconds
+    local deadline=$((SECONDS + $2))
+    while ((SECONDS < deadline)); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1") == 200 ]] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
 cleanup() {
     local status=$?
     trap - EXIT INT TERM

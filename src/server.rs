@@ -208,7 +208,6 @@ async fn serve_connection(
     slot: Slot,
 ) {
     let counted = gateway.load.client_connection();
-    let shutdown = gateway.shutdown.clone();
     let metrics = Arc::clone(&gateway.metrics);
     let server = &gateway.config.server;
     let watch = Arc::new(ConnectionWatch::default());
@@ -245,7 +244,7 @@ async fn serve_connection(
     tokio::pin!(backend);
     // Made once: a `cancelled()` made in the loop would join and leave the token's waiter
     // list on every wake-up of the connection (two locks per request).
-    let cancelled = shutdown.cancelled();
+    let cancelled = gateway.shutdown.cancelled();
     tokio::pin!(cancelled);
     let mut draining = false;
     let result = loop {
