@@ -179,6 +179,9 @@ impl FramingCheck {
     fn parse(&self, buf: &[u8]) -> Parsed {
         #[cfg(test)]
         self.parses.set(self.parses.get() + 1);
+        if let Some(len) = plain_head(buf, self.max_head_bytes, self.max_headers) {
+            return Parsed::Complete(len, Framing::Length(0));
+        }
         if self.max_headers <= STACK_HEADERS {
             let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
             parse_head(buf, &mut slots[..self.max_headers], self.max_head_bytes)
@@ -193,6 +196,50 @@ impl FramingCheck {
 /// Whether `bytes` hold the end of a request head (an empty line: `\n\n` or `\n\r\n`).
 fn may_end_head(bytes: &[u8]) -> bool {
     bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// The length of a complete head that no line of names `Content-Length` or
+/// `Transfer-Encoding`: what nearly every request (a GET) is, found without parsing it.
+/// `None` sends the head to the full parse, which this never contradicts where hyper
+/// accepts the head (the property test below holds it to that):
+/// - for a head httparse accepts, its end is the first empty line (`\n\n` or `\n\r\n`),
+///   and a head with neither field is `Length(0)`;
+/// - a head httparse refuses (a field name with a space, a folded line) is refused by hyper
+///   as well, with the connection closed, so nothing follows it to be checked.
+///
+/// Anything unusual goes the long way: leading empty lines (httparse skips them), a bare CR
+/// at a line's start, more lines than `max_headers`, a head over `max_head_bytes`, and any
+/// line that merely begins with either name. Saves the second parse of every head
+/// (~600 instructions per request, bench/NOTES.md, issue 12).
+fn plain_head(buf: &[u8], max_head_bytes: usize, max_headers: usize) -> Option<usize> {
+    if !buf.first().is_some_and(u8::is_ascii_alphabetic) {
+        return None;
+    }
+    for (lines, newline) in memchr::memchr_iter(b'\n', buf).enumerate() {
+        let line = &buf[newline + 1..];
+        let end = match line {
+            [b'\n', ..] => Some(newline + 2),
+            [b'\r', b'\n', ..] => Some(newline + 3),
+            [] | [b'\r', ..] => return None,
+            _ => None,
+        };
+        if let Some(end) = end {
+            return (end <= max_head_bytes).then_some(end);
+        }
+        if lines >= max_headers || names_framing(line) {
+            return None;
+        }
+    }
+    None
+}
+
+/// Whether a line begins with either framing field's name, in any case.
+fn names_framing(line: &[u8]) -> bool {
+    let starts = |name: &[u8]| {
+        line.get(..name.len())
+            .is_some_and(|l| l.eq_ignore_ascii_case(name))
+    };
+    starts(b"content-length") || starts(b"transfer-encoding")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +312,7 @@ fn digits(value: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn check() -> FramingCheck {
         FramingCheck::new(1024, 16)
@@ -413,6 +461,100 @@ mod tests {
             "POST / HTTP/1.1\r\n{many}Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
         );
         assert_eq!(c.inspect(head.as_bytes()), Outcome::Conflict);
+    }
+
+    #[test]
+    fn a_plain_get_skips_the_full_parse() {
+        let get = b"GET /page HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nCookie: a=b\r\nConnection: keep-alive\r\n\r\nGET";
+        assert_eq!(plain_head(get, 1024, 16), Some(get.len() - 3));
+        let lf = b"GET / HTTP/1.1\nHost: x\n\n";
+        assert_eq!(plain_head(lf, 1024, 16), Some(lf.len()));
+        for long_way in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"[..],
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n",
+        ] {
+            assert_eq!(plain_head(long_way, 1024, 16), None, "{long_way:?}");
+        }
+        // The limits are the full parse's to apply.
+        assert_eq!(
+            plain_head(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", 1024, 1),
+            None
+        );
+        assert_eq!(
+            plain_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 20, 16),
+            None
+        );
+    }
+
+    /// Heads from pieces that matter to framing: either field in any case (also as a
+    /// prefix of another name), ordinary fields, folded lines, bad names, bare CRs, either
+    /// line ending, leading empty lines, and cut short anywhere.
+    fn head_piece() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            "Host: x",
+            "Content-Length: 5",
+            "content-length: 0",
+            "CONTENT-LENGTH: junk",
+            "Content-Lengthy: 1",
+            "Transfer-Encoding: chunked",
+            "transfer-encoding: gzip",
+            "Cookie: a=b",
+            "Connection: keep-alive",
+            "Content-Type: text/plain",
+            "Te: trailers",
+            " folded: line",
+            "\tContent-Length: 3",
+            "Content-Length : 3",
+            "Bad Name: x",
+            "X-Cr: a\rb",
+            "",
+            "\r",
+        ])
+        .prop_map(str::to_owned)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// Where the quick look answers, the full parse agrees, or refuses the head (and
+        /// hyper, with the same parser and settings, refuses it too).
+        #[test]
+        fn the_quick_look_never_contradicts_the_full_parse(
+            leading in 0usize..3,
+            line in prop_oneof![
+                Just("GET /a HTTP/1.1"),
+                Just("POST /b?c=d HTTP/1.1"),
+                Just("get / HTTP/1.0"),
+                Just("Content-Length: 1"),
+            ],
+            fields in prop::collection::vec(head_piece(), 0..8),
+            crlf in any::<bool>(),
+            cut in any::<prop::sample::Index>(),
+            max_headers in 1usize..10,
+        ) {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let mut head = eol.repeat(leading);
+            head.push_str(line);
+            for field in &fields {
+                head.push_str(eol);
+                head.push_str(field);
+            }
+            head.push_str(eol);
+            head.push_str(eol);
+            head.push_str("GET /next HTTP/1.1");
+            for bytes in [head.as_bytes(), &head.as_bytes()[..cut.index(head.len())]] {
+                if let Some(len) = plain_head(bytes, 256, max_headers) {
+                    let mut slots = vec![MaybeUninit::uninit(); max_headers];
+                    let full = parse_head(bytes, &mut slots, 256);
+                    prop_assert!(
+                        full == Parsed::Complete(len, Framing::Length(0)) || full == Parsed::Invalid,
+                        "{:?}: quick {} full {:?}", String::from_utf8_lossy(bytes), len, full
+                    );
+                }
+            }
+        }
     }
 
     #[test]
