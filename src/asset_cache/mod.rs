@@ -233,6 +233,14 @@ impl AssetCache {
         }
     }
 
+    /// Whether [`serve`](Self::serve) may answer `req` from memory or store its answer; for
+    /// any other request it would only call its fetch, so the pipeline skips it.
+    pub fn may_serve<B>(&self, req: &Request<B>) -> bool {
+        self.shared.as_ref().is_some_and(|shared| {
+            policy::lookup_allowed(req.method(), req.uri(), req.headers(), &shared.prefixes).is_ok()
+        })
+    }
+
     /// Answers `req` from memory when it can; otherwise calls `fetch` (the ordinary backend
     /// exchange) at most once, with the request as it came or, when the answer is to be
     /// stored, asking for the uncompressed file.

@@ -46,184 +46,198 @@ fn is_retryable(method: &Method, body: &RequestBody) -> bool {
 /// A bodyless idempotent request whose worker refuses the connection goes to another
 /// worker (and its client is re-pointed there); one that belongs to an Engine.IO session of
 /// that worker gets Engine.IO's "unknown session" answer, which makes the client reconnect.
+///
+/// Owns the request's context and hands it back with the answer: the pipeline waits on
+/// this future itself, boxed, with no layer around it (`gateway::handle`).
 pub async fn forward(
     gw: &Gateway,
     owned: &OwnedBackend,
     req: Request<Incoming>,
-    ctx: &RequestContext,
+    ctx: RequestContext,
     path_and_query: Option<PathAndQuery>,
     target: Target,
     secure: bool,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let (mut parts, incoming) = req.into_parts();
-    // A polling GET's answer is the server's packets (a POST's is just "ok").
-    let is_get = parts.method == Method::GET;
-    let declared = incoming.size_hint().exact().unwrap_or(0);
-    let max_body = gw.config.limits.max_body_bytes;
-    if declared > max_body {
-        return Err(ProxyError::PayloadTooLarge(max_body));
-    }
-    let Target {
-        mut worker,
-        pin,
-        mut set_cookie,
-        learn_sid,
-    } = target;
-    backend_request_head(&mut parts, ctx, &worker.backend, path_and_query);
-    let idle = gw.config.backend.body_idle_timeout;
-    // An Engine.IO polling request of a known session: the chat reader sees its packets.
-    let chat_sid = gw
-        .chat
-        .observe
-        .then(|| polling_sid(ctx.uri.query()))
-        .flatten();
-    let (body, body_sent) = if incoming.is_end_stream() {
-        (RequestBody::Empty, None)
-    } else if let Some(sid) = chat_sid.filter(|_| {
-        parts.method == Method::POST && declared > 0 && declared <= MAX_SCREENED_BODY as u64
-    }) {
-        let data = Box::pin(screen_polling_post(gw, sid, incoming, idle, max_body)).await?;
-        if let Ok(length) = HeaderValue::try_from(data.len().to_string()) {
-            parts.headers.insert(header::CONTENT_LENGTH, length);
+) -> (Result<Response<ProxyBody>, ProxyError>, RequestContext) {
+    let answer = 'answer: {
+        let ctx = &ctx;
+        let (mut parts, incoming) = req.into_parts();
+        // A polling GET's answer is the server's packets (a POST's is just "ok").
+        let is_get = parts.method == Method::GET;
+        let declared = incoming.size_hint().exact().unwrap_or(0);
+        let max_body = gw.config.limits.max_body_bytes;
+        if declared > max_body {
+            break 'answer Err(ProxyError::PayloadTooLarge(max_body));
         }
-        (RequestBody::Full { data: Some(data) }, None)
-    } else {
-        let (body, sent) =
-            Watched::request(incoming, idle, max_body, gw.metrics.request_bytes.clone());
-        (RequestBody::Stream { body }, Some(sent))
-    };
-    // A bodyless idempotent request keeps a copy of its head, so that a connection the
-    // backend closed after the request was written (a keep-alive timer firing, a worker
-    // recycled or dying) never surfaces as an error: it is sent once more, and moves to
-    // another worker if this one is gone. A request handed back unsent needs no copy.
-    let retryable = is_retryable(&parts.method, &body);
-    let retry_head = retryable.then(|| copy_head(&parts));
-    let deadline = gw.config.backend.wait.map(|wait| Instant::now() + wait);
-    let several = gw.workers.several();
-    // With several workers, the request counts towards its worker's load until its
-    // response body is done.
-    let mut load = several.then(|| worker.hold_request());
-
-    let mut epoch = worker.health.epoch();
-    let mut body_sent = body_sent;
-    let req = Request::from_parts(parts, body);
-    let mut result = send(gw, owned, &worker, req, &mut body_sent, false).await;
-    let mut retried = false;
-    let mut resent = false;
-    while let Err(error) = &mut result {
-        let refused = error.is_refused();
-        let again = if refused {
-            worker.health.passive_refused();
-            if pin == Pin::Session {
-                let sid = query_param(ctx.uri.query(), "sid").unwrap_or_default();
-                gw.workers.sessions.forget(sid);
-                return Ok(unknown_session(sid));
+        let Target {
+            mut worker,
+            pin,
+            mut set_cookie,
+            learn_sid,
+        } = target;
+        backend_request_head(&mut parts, ctx, &worker.backend, path_and_query);
+        let idle = gw.config.backend.body_idle_timeout;
+        // An Engine.IO polling request of a known session: the chat reader sees its packets.
+        let chat_sid = gw
+            .chat
+            .observe
+            .then(|| polling_sid(ctx.uri.query()))
+            .flatten();
+        let (body, body_sent) = if incoming.is_end_stream() {
+            (RequestBody::Empty, None)
+        } else if let Some(sid) = chat_sid.filter(|_| {
+            parts.method == Method::POST && declared > 0 && declared <= MAX_SCREENED_BODY as u64
+        }) {
+            let data = match Box::pin(screen_polling_post(gw, sid, incoming, idle, max_body)).await
+            {
+                Ok(data) => data,
+                Err(error) => break 'answer Err(error),
+            };
+            if let Ok(length) = HeaderValue::try_from(data.len().to_string()) {
+                parts.headers.insert(header::CONTENT_LENGTH, length);
             }
-            if !retryable {
-                break;
-            }
-            if let Some(other) = gw.workers.fallback(&worker) {
-                tracing::debug!(
-                    from = worker.index,
-                    to = other.index,
-                    "worker refused: trying another"
-                );
-                worker = Arc::clone(other);
-                set_cookie = true;
-                load = Some(worker.hold_request());
-            } else {
-                // --backend-wait: hold the request while a worker starts.
-                match deadline {
-                    Some(deadline) if Box::pin(wait_for_backend(&worker, deadline)).await => {}
-                    _ => break,
-                }
-                let next = gw.workers.least_loaded(None);
-                if next.index != worker.index {
-                    worker = Arc::clone(next);
-                    set_cookie = true;
-                    load = several.then(|| worker.hold_request());
-                }
-            }
-            // A refused connection never saw the request.
-            error.take_unsent()
-        } else if let Some(req) = error.take_backend_unsent().filter(|_| !resent) {
-            // The connection closed before the request was written (hyper hands it back):
-            // no byte reached the backend, so it goes out on a new connection, any method.
-            resent = true;
-            Some(req)
-        } else if !retried && !error.is_connect() {
-            retried = true;
-            tracing::debug!(error = %error, "retrying on a fresh connection");
-            retry_head.as_ref().map(resend)
+            (RequestBody::Full { data: Some(data) }, None)
         } else {
-            None
+            let (body, sent) =
+                Watched::request(incoming, idle, max_body, gw.metrics.request_bytes.clone());
+            (RequestBody::Stream { body }, Some(sent))
         };
-        let Some(req) = again else {
-            break;
-        };
-        epoch = worker.health.epoch();
-        result = send(gw, owned, &worker, req, &mut body_sent, !refused).await;
-    }
-    let response = result.map_err(classify_send)?;
-    // Whatever it answered, the backend is there.
-    worker.health.passive_success(epoch);
-    let (mut parts, incoming) = response.into_parts();
-    // An HTTP/1.0 backend must not make the client's connection HTTP/1.0 (and closed).
-    parts.version = http::Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::CONTENT_TYPE) && parts.status.is_success() {
-        if let Some(mime) = guess_content_type(ctx.path()) {
-            parts
-                .headers
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+        // A bodyless idempotent request keeps a copy of its head, so that a connection the
+        // backend closed after the request was written (a keep-alive timer firing, a worker
+        // recycled or dying) never surfaces as an error: it is sent once more, and moves to
+        // another worker if this one is gone. A request handed back unsent needs no copy.
+        let retryable = is_retryable(&parts.method, &body);
+        let retry_head = retryable.then(|| copy_head(&parts));
+        let deadline = gw.config.backend.wait.map(|wait| Instant::now() + wait);
+        let several = gw.workers.several();
+        // With several workers, the request counts towards its worker's load until its
+        // response body is done.
+        let mut load = several.then(|| worker.hold_request());
+
+        let mut epoch = worker.health.epoch();
+        let mut body_sent = body_sent;
+        let req = Request::from_parts(parts, body);
+        let mut result = send(gw, owned, &worker, req, &mut body_sent, false).await;
+        let mut retried = false;
+        let mut resent = false;
+        while let Err(error) = &mut result {
+            let refused = error.is_refused();
+            let again = if refused {
+                worker.health.passive_refused();
+                if pin == Pin::Session {
+                    let sid = query_param(ctx.uri.query(), "sid").unwrap_or_default();
+                    gw.workers.sessions.forget(sid);
+                    break 'answer Ok(unknown_session(sid));
+                }
+                if !retryable {
+                    break;
+                }
+                if let Some(other) = gw.workers.fallback(&worker) {
+                    tracing::debug!(
+                        from = worker.index,
+                        to = other.index,
+                        "worker refused: trying another"
+                    );
+                    worker = Arc::clone(other);
+                    set_cookie = true;
+                    load = Some(worker.hold_request());
+                } else {
+                    // --backend-wait: hold the request while a worker starts.
+                    match deadline {
+                        Some(deadline) if Box::pin(wait_for_backend(&worker, deadline)).await => {}
+                        _ => break,
+                    }
+                    let next = gw.workers.least_loaded(None);
+                    if next.index != worker.index {
+                        worker = Arc::clone(next);
+                        set_cookie = true;
+                        load = several.then(|| worker.hold_request());
+                    }
+                }
+                // A refused connection never saw the request.
+                error.take_unsent()
+            } else if let Some(req) = error.take_backend_unsent().filter(|_| !resent) {
+                // The connection closed before the request was written (hyper hands it back):
+                // no byte reached the backend, so it goes out on a new connection, any method.
+                resent = true;
+                Some(req)
+            } else if !retried && !error.is_connect() {
+                retried = true;
+                tracing::debug!(error = %error, "retrying on a fresh connection");
+                retry_head.as_ref().map(resend)
+            } else {
+                None
+            };
+            let Some(req) = again else {
+                break;
+            };
+            epoch = worker.health.epoch();
+            result = send(gw, owned, &worker, req, &mut body_sent, !refused).await;
         }
-    }
-    let body = Watched::new(incoming, idle);
-    // A polling answer of a chat session: its records are read on the way, and notices
-    // chatgate owes the session (refused messages) go ahead of it.
-    let chat_answer = chat_sid.filter(|_| {
-        is_get
-            && parts.status == http::StatusCode::OK
-            && !parts.headers.contains_key(header::CONTENT_ENCODING)
-    });
-    if let Some(sid) = chat_answer {
-        let chat_tap = PollingTap::new(Arc::clone(&gw.chat), sid.to_owned(), worker.index);
-        let prefix = polling_notices(gw, sid, &mut parts.headers);
-        let tap: Box<dyn BodyTap> = if several {
-            if set_cookie {
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => break 'answer Err(classify_send(error)),
+        };
+        // Whatever it answered, the backend is there.
+        worker.health.passive_success(epoch);
+        let (mut parts, incoming) = response.into_parts();
+        // An HTTP/1.0 backend must not make the client's connection HTTP/1.0 (and closed).
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        if !parts.headers.contains_key(header::CONTENT_TYPE) && parts.status.is_success() {
+            if let Some(mime) = guess_content_type(ctx.path()) {
                 parts
                     .headers
-                    .append(header::SET_COOKIE, worker.set_cookie(secure));
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
             }
-            Box::new((ResponseTap::new(load, None), chat_tap))
-        } else {
-            Box::new(chat_tap)
-        };
-        return Ok(Response::from_parts(
+        }
+        let body = Watched::new(incoming, idle);
+        // A polling answer of a chat session: its records are read on the way, and notices
+        // chatgate owes the session (refused messages) go ahead of it.
+        let chat_answer = chat_sid.filter(|_| {
+            is_get
+                && parts.status == http::StatusCode::OK
+                && !parts.headers.contains_key(header::CONTENT_ENCODING)
+        });
+        if let Some(sid) = chat_answer {
+            let chat_tap = PollingTap::new(Arc::clone(&gw.chat), sid.to_owned(), worker.index);
+            let prefix = polling_notices(gw, sid, &mut parts.headers);
+            let tap: Box<dyn BodyTap> = if several {
+                if set_cookie {
+                    parts
+                        .headers
+                        .append(header::SET_COOKIE, worker.set_cookie(secure));
+                }
+                Box::new((ResponseTap::new(load, None), chat_tap))
+            } else {
+                Box::new(chat_tap)
+            };
+            break 'answer Ok(Response::from_parts(
+                parts,
+                ProxyBody::tapped(body, tap).with_prefix(prefix),
+            ));
+        }
+        if !several {
+            break 'answer Ok(Response::from_parts(parts, ProxyBody::stream(body)));
+        }
+        if set_cookie {
+            parts
+                .headers
+                .append(header::SET_COOKIE, worker.set_cookie(secure));
+        }
+        // The open packet is never compressed (too small); anything else is not a handshake.
+        let sniff = learn_sid
+            && parts.status == http::StatusCode::OK
+            && !parts.headers.contains_key(header::CONTENT_ENCODING);
+        let tap = ResponseTap::new(
+            load,
+            sniff.then(|| (Arc::clone(&gw.workers), Arc::clone(&worker))),
+        );
+        Ok(Response::from_parts(
             parts,
-            ProxyBody::tapped(body, tap).with_prefix(prefix),
-        ));
-    }
-    if !several {
-        return Ok(Response::from_parts(parts, ProxyBody::stream(body)));
-    }
-    if set_cookie {
-        parts
-            .headers
-            .append(header::SET_COOKIE, worker.set_cookie(secure));
-    }
-    // The open packet is never compressed (too small); anything else is not a handshake.
-    let sniff = learn_sid
-        && parts.status == http::StatusCode::OK
-        && !parts.headers.contains_key(header::CONTENT_ENCODING);
-    let tap = ResponseTap::new(
-        load,
-        sniff.then(|| (Arc::clone(&gw.workers), Arc::clone(&worker))),
-    );
-    Ok(Response::from_parts(
-        parts,
-        ProxyBody::tapped(body, Box::new(tap)),
-    ))
+            ProxyBody::tapped(body, Box::new(tap)),
+        ))
+    };
+    (answer, ctx)
 }
 
 /// The session of an Engine.IO v4 polling request (`EIO=4&transport=polling&sid=...`).
