@@ -220,6 +220,24 @@ fn next_look(keepalive_next: Instant, stall: &WriteStall, drain_until: Option<In
 /// `chat` reads the Socket.IO traffic on the way: it counts and times the chat, refuses a
 /// user message over a limit (the client gets a notice instead), and on a drain keeps the
 /// relay open until the answers in progress are done, within `drain_grace`.
+/// Polls the relay's timer only when that can change something: to register the task's
+/// waker after the timer was made or reset, and once it has fired. Polled on every wake-up
+/// it cost two updates of its registration per echoed message (bench/NOTES.md, issue 12).
+/// The pump only ever runs in its own task, so one flag says whether the waker is there.
+///
+/// Armed only by a poll that had cooperative budget left: without budget, tokio's `Sleep`
+/// returns `Pending` before it registers anything (tokio then wakes the task again itself),
+/// like the response timer's gate in `proxy/forward.rs`.
+fn poll_timer(timer: Pin<&mut Sleep>, armed: &mut bool, cx: &mut Context<'_>) -> Poll<()> {
+    if *armed && !timer.is_elapsed() {
+        return Poll::Pending;
+    }
+    let budget = tokio::task::coop::has_budget_remaining();
+    let polled = timer.poll(cx);
+    *armed = polled.is_pending() && budget;
+    polled
+}
+
 pub async fn pump<C, B>(
     mut client: WebSocketStream<WriteWatch<C>>,
     mut backend: WebSocketStream<B>,
@@ -242,6 +260,8 @@ where
     let mut keepalive_next = Instant::now() + settings.ping_interval;
     let mut reported = (0u64, 0u64);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(keepalive_next));
+    // Whether the timer holds this task's waker (see `poll_timer`); cleared by every reset.
+    let mut timer_armed = false;
     let shutdown = settings.shutdown.cancelled();
     tokio::pin!(shutdown);
     // Set once a drain began while answers were in progress: the relay goes on until they
@@ -266,7 +286,7 @@ where
             if drain_until.is_some() && chat.answers_in_progress() == 0 && b2c.is_idle() {
                 return Poll::Ready(Event::Shutdown);
             }
-            while timer.as_mut().poll(cx).is_ready() {
+            while poll_timer(timer.as_mut(), &mut timer_armed, cx).is_ready() {
                 let now = Instant::now();
                 if drain_until.is_some_and(|until| now >= until) {
                     return Poll::Ready(Event::Shutdown);
@@ -292,6 +312,7 @@ where
                 timer
                     .as_mut()
                     .reset(next_look(keepalive_next, &stall, drain_until));
+                timer_armed = false;
             }
             let draining = drain_until.is_some();
             let notices = &mut b2c.notices;
@@ -361,6 +382,7 @@ where
             }
             // The stall deadline moved: re-arm, and poll the timer again so it wakes us.
             timer.as_mut().reset(look);
+            timer_armed = false;
         }
     })
     .await;
@@ -518,6 +540,31 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     const INTERVAL: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn the_relay_timer_first_polled_without_budget_still_fires() {
+        let mut timer = Box::pin(tokio::time::sleep(Duration::from_millis(50)));
+        let mut armed = false;
+        let mut first = true;
+        let fired = tokio::time::timeout(
+            Duration::from_secs(5),
+            poll_fn(|cx| {
+                if std::mem::take(&mut first) {
+                    // The task's budget used up before the timer's first poll, as a burst
+                    // of messages can leave it.
+                    loop {
+                        let spend = std::pin::pin!(tokio::task::consume_budget());
+                        if spend.poll(cx).is_pending() {
+                            break;
+                        }
+                    }
+                }
+                poll_timer(timer.as_mut(), &mut armed, cx)
+            }),
+        )
+        .await;
+        assert!(fired.is_ok(), "the relay timer never fired");
+    }
     const TIMEOUT: Duration = Duration::from_secs(20);
 
     /// A relay over in-memory pipes whose client pipe holds `client_pipe` bytes: (the raw
