@@ -115,11 +115,17 @@ pub async fn forward(
 
         let mut epoch = worker.health.epoch();
         let mut body_sent = body_sent;
-        let req = Request::from_parts(parts, body);
-        let mut result = send(gw, owned, &worker, req, &mut body_sent, false).await;
+        let mut req = Request::from_parts(parts, body);
+        let mut fresh = false;
         let mut retried = false;
         let mut resent = false;
-        while let Err(error) = &mut result {
+        // One call of `send` for the first try and every retry: each call site of an
+        // awaited future is its own slot in this future, which is boxed per request.
+        let result = loop {
+            let mut result = send(gw, owned, &worker, req, &mut body_sent, fresh).await;
+            let Err(error) = &mut result else {
+                break result;
+            };
             let refused = error.is_refused();
             let again = if refused {
                 worker.health.passive_refused();
@@ -129,7 +135,7 @@ pub async fn forward(
                     break 'answer Ok(unknown_session(sid));
                 }
                 if !retryable {
-                    break;
+                    break result;
                 }
                 if let Some(other) = gw.workers.fallback(&worker) {
                     tracing::debug!(
@@ -144,7 +150,7 @@ pub async fn forward(
                     // --backend-wait: hold the request while a worker starts.
                     match deadline {
                         Some(deadline) if Box::pin(wait_for_backend(&worker, deadline)).await => {}
-                        _ => break,
+                        _ => break result,
                     }
                     let next = gw.workers.least_loaded(None);
                     if next.index != worker.index {
@@ -167,12 +173,13 @@ pub async fn forward(
             } else {
                 None
             };
-            let Some(req) = again else {
-                break;
+            let Some(again) = again else {
+                break result;
             };
+            req = again;
+            fresh = !refused;
             epoch = worker.health.epoch();
-            result = send(gw, owned, &worker, req, &mut body_sent, !refused).await;
-        }
+        };
         let response = match result {
             Ok(response) => response,
             Err(error) => break 'answer Err(classify_send(error)),
