@@ -62,11 +62,11 @@ pub fn backend_request_head(
     parts.version = http::Version::HTTP_11;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
-    set_forwarded(headers, ctx.peer, ctx.trusted_peer);
+    let has_host = set_forwarded(headers, ctx.peer, ctx.trusted_peer);
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(host) = &backend.host_override {
         headers.insert(header::HOST, host.clone());
-    } else if !headers.contains_key(header::HOST) {
+    } else if !has_host {
         if let Ok(host) = HeaderValue::from_str(backend.url.authority.as_str()) {
             headers.insert(header::HOST, host);
         }
@@ -245,41 +245,80 @@ pub fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
 /// From a trusted proxy, its `X-Forwarded-For` is appended to and its `-Proto`/`-Host` kept;
 /// from anyone else all three are overwritten with what chatgate itself saw, so a client
 /// cannot spoof its address or make the backend believe it was reached over https, and the
-/// other spellings of the same claims (`Forwarded`, `X-Real-IP`, ...) are removed.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) {
+/// other spellings of the same claims (`Forwarded`, `X-Real-IP`, ...) are removed. Returns
+/// whether the request has a `Host` field.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) -> bool {
     let peer = canonical(peer);
+    // One walk over the fields finds the client's `Host` and what the peer said before
+    // (trusted) or may not say (not trusted): a lookup by name per field hashes the name
+    // and probes the map, and `X-Forwarded-*` are custom names, hashed byte by byte
+    // (bench/NOTES.md, issue 12).
+    let mut host: Option<HeaderValue> = None;
     if trusted_peer {
-        let peer_text = peer.to_string();
-        let prior: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let joined = if prior.is_empty() {
-            peer_text
+        // The chain so far, each entry followed by ", ": empty, so unallocated, unless
+        // there is one.
+        let mut chain = String::new();
+        let (mut proto, mut forwarded_host) = (false, false);
+        for (name, value) in headers.iter() {
+            if name == header::HOST {
+                host = host.or_else(|| Some(value.clone()));
+            } else if name == X_FORWARDED_FOR {
+                if let Ok(entry) = value.to_str() {
+                    chain.push_str(entry);
+                    chain.push_str(", ");
+                }
+            } else if name == X_FORWARDED_PROTO {
+                proto = true;
+            } else if name == X_FORWARDED_HOST {
+                forwarded_host = true;
+            }
+        }
+        if chain.is_empty() {
+            headers.insert(X_FORWARDED_FOR.clone(), ip_value(peer));
         } else {
-            format!("{}, {peer_text}", prior.join(", "))
-        };
-        set(headers, &X_FORWARDED_FOR, &joined);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            push_ip(&mut chain, peer);
+            set(headers, &X_FORWARDED_FOR, &chain);
+        }
+        if !proto {
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         }
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            copy_host(headers);
+        if let Some(host) = host.clone().filter(|_| !forwarded_host) {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
         }
     } else {
-        // The claims found in one walk over the names, as in `strip_hop_by_hop`.
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| is_forwarding_claim(name.as_str()))
-            .cloned()
-            .collect();
+        // Empty, so unallocated, unless the request carries a claim.
+        let mut doomed: Vec<HeaderName> = Vec::new();
+        for (name, value) in headers.iter() {
+            if name == header::HOST {
+                host = host.or_else(|| Some(value.clone()));
+            } else if is_forwarding_claim(name.as_str()) {
+                doomed.push(name.clone());
+            }
+        }
         for name in doomed {
             headers.remove(name);
         }
         headers.insert(X_FORWARDED_FOR.clone(), ip_value(peer));
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        copy_host(headers);
+        if let Some(host) = host.clone() {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+    }
+    host.is_some()
+}
+
+/// Appends an address's text to `line` (IPv4 digit by digit, as in [`ip_value`]).
+fn push_ip(line: &mut String, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let len = crate::ascii::ipv4(v4, &mut text);
+            line.push_str(std::str::from_utf8(&text[..len]).unwrap_or("unknown"));
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(line, "{v6}");
+        }
     }
 }
 
@@ -298,12 +337,6 @@ fn ip_value(addr: IpAddr) -> HeaderValue {
     };
     // Digits, dots, hex and colons are always a valid value.
     value.unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-}
-
-fn copy_host(headers: &mut HeaderMap) {
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
 }
 
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
@@ -708,6 +741,12 @@ mod properties {
 
     /// The head as it was built before the one-walk rewrite: every removal by name, in
     /// order. The model the property holds `backend_request_head` to.
+    fn copy_host(headers: &mut HeaderMap) {
+        if let Some(host) = headers.get(header::HOST).cloned() {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+    }
+
     fn by_name(headers: &mut HeaderMap, peer: IpAddr, trusted: bool, request_id: &HeaderValue) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
