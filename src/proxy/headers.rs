@@ -129,6 +129,8 @@ pub struct HeadFacts {
     /// A browser loading a page, so an error answers with HTML rather than JSON: a GET
     /// whose first `Sec-Fetch-Mode` is `navigate` or whose first `Accept` names `text/html`.
     pub browser_navigation: bool,
+    /// How many `Host` fields there are, counted up to 2 (RFC 9112 §3.2 wants exactly one).
+    pub hosts: u8,
 }
 
 impl HeadFacts {
@@ -140,7 +142,9 @@ impl HeadFacts {
         let (mut navigate, mut html) = (false, false);
         // The values of one name come one after another, first value first.
         for (name, value) in headers {
-            if name == header::TRANSFER_ENCODING {
+            if name == header::HOST {
+                facts.hosts = (facts.hosts + 1).min(2);
+            } else if name == header::TRANSFER_ENCODING {
                 facts.transfer_encoding = true;
             } else if name == header::CONNECTION {
                 connection_upgrade = connection_upgrade || names_token(value, "upgrade");
@@ -880,6 +884,7 @@ mod properties {
                 .filter(|v| is_sane_request_id(v))
                 .cloned(),
             browser_navigation: method == http::Method::GET && (navigate || html),
+            hosts: headers.get_all(header::HOST).iter().count().min(2) as u8,
         }
     }
 
