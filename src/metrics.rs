@@ -147,16 +147,51 @@ pub struct Metrics {
 /// request's future: its access line, recorded when the response body ends. Cloning it per
 /// request writes a count in the connection's own allocation; an `Arc<Metrics>` clone would
 /// write the shared one, a cache line every core's requests then pass between them.
+///
+/// It also counts the connection's finished responses and notes when the last one ended,
+/// which tells the head clock (`client_io::HeadClock`) how long the connection has waited.
 #[derive(Clone)]
-#[allow(
-    clippy::redundant_allocation,
-    reason = "the outer Arc is the connection's own count, the point of this type"
-)]
-pub struct MetricsHandle(std::sync::Arc<std::sync::Arc<Metrics>>);
+pub struct MetricsHandle(std::sync::Arc<ConnectionLog>);
+
+struct ConnectionLog {
+    metrics: std::sync::Arc<Metrics>,
+    /// When the connection opened: what `finished_at` counts from.
+    opened: tokio::time::Instant,
+    /// Responses whose access line was written (wrapping).
+    finished: std::sync::atomic::AtomicU32,
+    /// Nanoseconds from `opened` to the end of the last of them (0: none yet).
+    finished_at: std::sync::atomic::AtomicU64,
+}
 
 impl MetricsHandle {
     pub fn new(metrics: std::sync::Arc<Metrics>) -> MetricsHandle {
-        MetricsHandle(std::sync::Arc::new(metrics))
+        MetricsHandle(std::sync::Arc::new(ConnectionLog {
+            metrics,
+            opened: tokio::time::Instant::now(),
+            finished: std::sync::atomic::AtomicU32::new(0),
+            finished_at: std::sync::atomic::AtomicU64::new(0),
+        }))
+    }
+
+    /// One more response of this connection ended (its body ended or was dropped) at `at`.
+    pub fn response_finished(&self, at: tokio::time::Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let log = &self.0;
+        // Written and read in the connection's own task: loads and stores, no ordering.
+        log.finished
+            .store(log.finished.load(Relaxed).wrapping_add(1), Relaxed);
+        let nanos = at.saturating_duration_since(log.opened).as_nanos();
+        log.finished_at
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// How many of this connection's responses ended (wrapping), and when the last did
+    /// (the connection's opening when none has).
+    pub fn responses_finished(&self) -> (u32, tokio::time::Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let log = &self.0;
+        let at = log.opened + std::time::Duration::from_nanos(log.finished_at.load(Relaxed));
+        (log.finished.load(Relaxed), at)
     }
 }
 
@@ -164,7 +199,7 @@ impl std::ops::Deref for MetricsHandle {
     type Target = Metrics;
 
     fn deref(&self) -> &Metrics {
-        &self.0
+        &self.0.metrics
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::owned::OwnedBackend;
-use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict};
+use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict, HeadClock};
 use crate::config::Config;
 use crate::gateway::Connection;
 use crate::metrics::MetricsHandle;
@@ -64,8 +64,10 @@ pub async fn run(
     }
     let builder = |keep_alive: bool| {
         let mut http = http1::Builder::new();
+        // The header read timeout is the socket's own (`client_io`'s head clock): hyper's
+        // boxes and registers a timer per request.
         http.timer(TokioTimer::new())
-            .header_read_timeout(gateway.config.server.header_read_timeout)
+            .header_read_timeout(None)
             .max_headers(gateway.config.server.max_headers)
             .max_header_size(gateway.config.server.max_header_bytes)
             .keep_alive(keep_alive);
@@ -211,18 +213,23 @@ async fn serve_connection(
     let metrics = Arc::clone(&gateway.metrics);
     let server = &gateway.config.server;
     let watch = Arc::new(ConnectionWatch::default());
+    let log_metrics = MetricsHandle::new(Arc::clone(&gateway.metrics));
     let io = ClientIo::new(
         stream,
         Arc::clone(&watch),
         FramingCheck::new(server.max_header_bytes, server.max_headers),
         gateway.config.backend.body_idle_timeout,
     );
+    let mut head_clock = HeadClock::new(
+        server.header_read_timeout,
+        Arc::clone(&watch),
+        log_metrics.clone(),
+    );
     let reserve = slot.reserve;
     let http = if reserve { &http.reserve } else { &http.normal };
     // The backend connection this client connection's requests go out on, run in this
     // task beside the client connection (see `backend/owned.rs`).
     let owned = OwnedBackend::default();
-    let log_metrics = MetricsHandle::new(Arc::clone(&gateway.metrics));
     // Each request's future borrows what the connection shares from this task, so a
     // request writes no reference count on the shared `Gateway` (a cache line that would
     // pass between cores with every request).
@@ -257,6 +264,11 @@ async fn serve_connection(
             () = cancelled.as_mut(), if !draining => {
                 connection.as_mut().graceful_shutdown();
                 draining = true;
+            }
+            waited = std::future::poll_fn(|cx| head_clock.poll(cx)) => {
+                // Dropping the connection closes the socket, as hyper's own timeout did.
+                tracing::debug!(client = %peer, waited = ?waited, "no request head in time: closing");
+                break Ok(());
             }
         }
     };

@@ -873,6 +873,29 @@ async fn idle_keep_alive_connections_are_closed() {
     );
 }
 
+#[tokio::test]
+async fn a_request_slower_than_the_header_timeout_is_answered_then_the_idle_limit_applies() {
+    // The head clock stops while a request is outstanding (the backend takes three header
+    // timeouts here), and starts again from the answer.
+    let backend = Backend::start(handler(|_req: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        text(200, "slow but sure")
+    }))
+    .await;
+    let proxy = Proxy::start(backend.addr, &["--header-read-timeout", "0.5"]).await;
+    let (text, open_for) =
+        send_and_wait_for_close(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("slow but sure"),
+        "{text}"
+    );
+    // Closed once idle: between one and two timeouts after the answer.
+    assert!(
+        open_for >= Duration::from_millis(1900) && open_for < Duration::from_millis(4500),
+        "closed after {open_for:?}"
+    );
+}
+
 /// Writes `bytes`, then reads until the proxy closes the connection (at most 5 s): what came
 /// back and how long the connection stayed open.
 async fn send_and_wait_for_close(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, Duration) {

@@ -53,6 +53,8 @@ pub struct FramingCheck {
     partial: Vec<u8>,
     max_head_bytes: usize,
     max_headers: usize,
+    /// Complete heads seen, wrapping (the head clock compares it with the answers).
+    heads: u32,
     /// Heads parsed, for the test that trickling a head costs linear time.
     #[cfg(test)]
     parses: std::cell::Cell<usize>,
@@ -68,9 +70,15 @@ impl FramingCheck {
             partial: Vec::new(),
             max_head_bytes,
             max_headers,
+            heads: 0,
             #[cfg(test)]
             parses: std::cell::Cell::new(0),
         }
+    }
+
+    /// How many complete request heads have passed, wrapping (frozen once stopped).
+    pub fn heads(&self) -> u32 {
+        self.heads
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -161,6 +169,7 @@ impl FramingCheck {
     }
 
     fn after_head(&mut self, framing: Framing) -> Outcome {
+        self.heads = self.heads.wrapping_add(1);
         match framing {
             Framing::Conflict => Outcome::Conflict,
             Framing::Chunked => Outcome::Chunked,

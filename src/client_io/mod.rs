@@ -11,7 +11,7 @@ mod framing;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 pub use framing::{FramingCheck, Outcome};
+
+use crate::metrics::MetricsHandle;
 
 /// Marks a request on a connection whose framing check found a head with both
 /// `Content-Length` and `Transfer-Encoding` (or lost track of the stream): the pipeline
@@ -41,6 +43,13 @@ pub struct ConnectionWatch {
     handed_over: AtomicBool,
     /// The write watchdog cut the connection.
     stalled: AtomicBool,
+    /// Complete request heads the framing check has seen, wrapping (for [`HeadClock`]).
+    heads: AtomicU32,
+    /// Writes to the client that went through, wrapping (for [`HeadClock`]).
+    writes: AtomicU32,
+    /// A write to the client is waiting for room (for [`HeadClock`]: the write watchdog's
+    /// business, not the head clock's).
+    write_blocked: AtomicBool,
 }
 
 impl ConnectionWatch {
@@ -110,6 +119,9 @@ impl<T> ClientIo<T> {
         if self.watch.is_handed_over() {
             return Poll::Pending;
         }
+        if self.blocked_since.is_none() {
+            self.watch.write_blocked.store(true, Ordering::Relaxed);
+        }
         let deadline = *self.blocked_since.get_or_insert_with(Instant::now) + self.stall_timeout;
         let timer = self
             .stall_timer
@@ -130,9 +142,94 @@ impl<T> ClientIo<T> {
 
     fn progress<R>(&mut self, result: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         if result.is_ready() {
-            self.blocked_since = None;
+            if self.blocked_since.take().is_some() {
+                self.watch.write_blocked.store(false, Ordering::Relaxed);
+            }
+            let writes = &self.watch.writes;
+            // Only this task writes it: a load and a store, no read-modify-write.
+            writes.store(
+                writes.load(Ordering::Relaxed).wrapping_add(1),
+                Ordering::Relaxed,
+            );
         }
         result
+    }
+}
+
+/// The request-head timeout (`--header-read-timeout`: the slowloris guard, and the limit on
+/// an idle keep-alive connection), kept by the connection's task rather than by hyper:
+/// hyper boxes a new timer for every head, registers it and drops it once the head is in,
+/// an allocation and two timer-wheel updates per request (bench/NOTES.md, issue 12). This
+/// clock has one timer for the connection's life, moved only when it fires; a request
+/// costs it nothing.
+///
+/// The connection waits for a request from its start and from the end of each answer (its
+/// access line, which counts it and notes when), for as long as every head the framing
+/// check has seen is answered. When the timer fires on a connection that is busy, or that
+/// wrote to the client since the last look, or is waiting to (the tail of a response leaving
+/// hyper's buffer for a slow reader), it looks again a timeout later: a client that stops
+/// reading is the write watchdog's. So an idle connection is cut between one and two timeouts after its
+/// last answer went out, and a head that trickles in, one timeout after the wait began.
+pub struct HeadClock {
+    timeout: Duration,
+    watch: Arc<ConnectionWatch>,
+    /// Counts the connection's finished responses and notes the last one's end.
+    answers: MetricsHandle,
+    /// `ConnectionWatch::writes` when the timer last fired.
+    writes_at: u32,
+    timer: Pin<Box<Sleep>>,
+    /// The timer holds this task's waker (see `poll`).
+    armed: bool,
+}
+
+impl HeadClock {
+    pub fn new(timeout: Duration, watch: Arc<ConnectionWatch>, answers: MetricsHandle) -> Self {
+        HeadClock {
+            timeout,
+            watch,
+            answers,
+            writes_at: 0,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
+        }
+    }
+
+    /// Ready once the connection has waited `timeout` for a request head. Pending for good
+    /// once it is upgraded (a relay keeps its own timers).
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
+        loop {
+            // Polled only to register the waker (with cooperative budget: without it,
+            // tokio's `Sleep` registers nothing) and once it fired, as in
+            // `proxy::forward`'s `TimerGate`. The connection runs in one task.
+            if self.armed && !self.timer.is_elapsed() {
+                return Poll::Pending;
+            }
+            let budget = tokio::task::coop::has_budget_remaining();
+            if self.timer.as_mut().poll(cx).is_pending() {
+                self.armed = budget;
+                return Poll::Pending;
+            }
+            self.armed = false;
+            if self.watch.is_upgraded() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let writes = self.watch.writes.load(Ordering::Relaxed);
+            let wrote = writes != self.writes_at;
+            self.writes_at = writes;
+            let (answered, answered_at) = self.answers.responses_finished();
+            let waiting = self.watch.heads.load(Ordering::Relaxed) == answered
+                && !self.watch.write_blocked.load(Ordering::Relaxed);
+            let deadline = if waiting && !wrote {
+                answered_at + self.timeout
+            } else {
+                now + self.timeout
+            };
+            if now >= deadline {
+                return Poll::Ready(self.timeout);
+            }
+            self.timer.as_mut().reset(deadline);
+        }
     }
 }
 
@@ -155,6 +252,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
                         this.watch.refuse_chunked.store(true, Ordering::Relaxed);
                     }
                 }
+                this.watch
+                    .heads
+                    .store(this.framing.heads(), Ordering::Relaxed);
             }
         }
         Poll::Ready(Ok(()))

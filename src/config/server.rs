@@ -18,8 +18,8 @@ pub struct ServerSettings {
     )]
     pub listen: String,
     /// Seconds a client has to send a request's headers (slowloris guard). An idle
-    /// keep-alive connection is closed after this long too: waiting for the next request's
-    /// headers is the same wait.
+    /// keep-alive connection is closed after this long too (at most twice this after its
+    /// last answer went out): waiting for the next request's headers is the same wait.
     #[arg(
         long,
         env = "CHATGATE_HEADER_READ_TIMEOUT",

@@ -185,7 +185,9 @@ impl AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
-        let seconds = self.started.elapsed().as_secs_f64();
+        let now = Instant::now();
+        self.metrics.response_finished(now);
+        let seconds = now.saturating_duration_since(self.started).as_secs_f64();
         self.metrics.request(
             self.route,
             &self.method,
