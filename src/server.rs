@@ -265,9 +265,9 @@ async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }
-            waited = std::future::poll_fn(|cx| head_clock.poll(cx)) => {
+            timeout = std::future::poll_fn(|cx| head_clock.poll(cx)) => {
                 // Dropping the connection closes the socket, as hyper's own timeout did.
-                tracing::debug!(client = %peer, waited = ?waited, "no request head in time: closing");
+                tracing::debug!(client = %peer, timeout = ?timeout, "no request head within the header read timeout: closing");
                 break Ok(());
             }
         }

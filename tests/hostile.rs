@@ -83,6 +83,92 @@ async fn headers_trickled_a_byte_per_100ms_are_still_cut_at_the_header_timeout()
     assert_eq!(backend.requests.load(Ordering::SeqCst), 0);
 }
 
+/// Reads a raw reply until it holds `answers` complete `HTTP/1.1 200` answers (each ends
+/// with `body`), or 5 s.
+async fn read_answers(stream: &mut TcpStream, answers: usize, body: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while String::from_utf8_lossy(&out).matches(body).count() < answers {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_second_head_trickled_after_an_answer_is_cut_within_two_header_timeouts() {
+    let backend = echo_backend().await;
+    let proxy = Proxy::start(backend.addr, &["--header-read-timeout", "1"]).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_answers(&mut stream, 1, "x-echo-uri: /first").await;
+    assert_eq!(status_of(&first), Some(200), "{first}");
+    let answered = Instant::now();
+    let (mut reader, mut writer) = stream.into_split();
+    let trickle = tokio::spawn(async move {
+        let head = b"GET /second HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+        for byte in head
+            .iter()
+            .copied()
+            .chain(std::iter::repeat(b'a'))
+            .take(100)
+        {
+            if writer.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(8), reader.read_to_end(&mut rest)).await;
+    let held = answered.elapsed();
+    trickle.abort();
+    // The wait counts from the answer: one header timeout, two at most when the answer's
+    // own writes came after the clock's last look.
+    assert!(
+        held >= Duration::from_millis(800) && held < Duration::from_millis(3500),
+        "second head cut {held:?} after the first answer, want 1-2 s"
+    );
+    assert_eq!(backend.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_before_the_idle_limit_closes() {
+    let backend = echo_backend().await;
+    let proxy = Proxy::start(backend.addr, &["--header-read-timeout", "0.5"]).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /two HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /three HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (text, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    let held = started.elapsed();
+    for uri in ["/one", "/two", "/three"] {
+        assert!(
+            text.contains(&format!("x-echo-uri: {uri}")),
+            "{uri} unanswered: {text}"
+        );
+    }
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 3, "{text}");
+    assert!(
+        held < Duration::from_secs(4),
+        "idle connection held {held:?}"
+    );
+}
+
 /// What a fixture backend saw of an upload's body.
 #[derive(Debug, PartialEq, Eq)]
 enum Upload {

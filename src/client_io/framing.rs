@@ -8,7 +8,11 @@
 //! (`proto/h1/role.rs`, `Server::parse`: a `Content-Length` after `Transfer-Encoding` is
 //! skipped, one before it is removed), so the service never sees it, and hyper has no hook
 //! on the raw head. This check parses heads with the same parser (httparse, default
-//! settings, the same header limits), so both agree on where a head ends.
+//! settings, the same header limits), so both agree on where a head ends; the quick look
+//! for a plain head (`plain_head`) agrees with that parse wherever hyper accepts the head.
+//! Both hold only while `server.rs` builds hyper's server with httparse's default
+//! settings: a lenient option there (`ignore_invalid_headers`, say) would make this check
+//! lose heads hyper serves, and stop counting them for the head clock (`HeadClock`).
 //!
 //! Finding the *next* head on a keep-alive connection needs the previous message's length.
 //! A `Content-Length` body is counted off here; a chunked body is not followed at all:
@@ -79,6 +83,11 @@ impl FramingCheck {
     /// How many complete request heads have passed, wrapping (frozen once stopped).
     pub fn heads(&self) -> u32 {
         self.heads
+    }
+
+    /// Inside a `Content-Length` body: some of it has yet to arrive.
+    pub fn in_body(&self) -> bool {
+        matches!(self.position, Position::Body(_))
     }
 
     pub fn is_stopped(&self) -> bool {

@@ -29,7 +29,8 @@ use crate::metrics::MetricsHandle;
 pub struct FramingConflict;
 
 /// What a connection's socket wrapper and its request handling tell each other. Relaxed
-/// atomics: each flag is written once and read in the same task.
+/// atomics: the flags are written once, the head clock's counts on every read or write,
+/// and all of it is read and written by the connection's task (the relay's, once upgraded).
 #[derive(Debug, Default)]
 pub struct ConnectionWatch {
     /// A request head had both lengths, or the check could not follow the stream: a
@@ -50,6 +51,9 @@ pub struct ConnectionWatch {
     /// A write to the client is waiting for room (for [`HeadClock`]: the write watchdog's
     /// business, not the head clock's).
     write_blocked: AtomicBool,
+    /// A request body has yet to arrive in full (for [`HeadClock`]: the body's own idle
+    /// timeout governs it, also once the answer is out).
+    in_body: AtomicBool,
 }
 
 impl ConnectionWatch {
@@ -160,16 +164,21 @@ impl<T> ClientIo<T> {
 /// an idle keep-alive connection), kept by the connection's task rather than by hyper:
 /// hyper boxes a new timer for every head, registers it and drops it once the head is in,
 /// an allocation and two timer-wheel updates per request (bench/NOTES.md, issue 12). This
-/// clock has one timer for the connection's life, moved only when it fires; a request
-/// costs it nothing.
+/// clock has one timer for the connection's life, moved only when it fires; per request it
+/// costs a few relaxed loads and stores of counts (heads, writes, answers).
 ///
 /// The connection waits for a request from its start and from the end of each answer (its
 /// access line, which counts it and notes when), for as long as every head the framing
-/// check has seen is answered. When the timer fires on a connection that is busy, or that
-/// wrote to the client since the last look, or is waiting to (the tail of a response leaving
-/// hyper's buffer for a slow reader), it looks again a timeout later: a client that stops
-/// reading is the write watchdog's. So an idle connection is cut between one and two timeouts after its
-/// last answer went out, and a head that trickles in, one timeout after the wait began.
+/// check has seen is answered and no request body is still arriving. When the timer fires
+/// on a connection that is busy, or that wrote to the client since the last look, or is
+/// waiting to (the tail of a response leaving hyper's buffer for a slow reader), it looks
+/// again a timeout later: a client that stops reading is the write watchdog's. So an idle
+/// connection, or a head trickling in after an answer, is cut between one and two timeouts
+/// after the answer went out; a first head, one timeout after the connection opened.
+///
+/// Its `armed` flag assumes one task polls it (the connection's, in `server.rs`'s
+/// `select!`): polled through a combinator with wakers of its own, it would need to keep
+/// the waker and compare it, as `proxy::forward`'s `TimerGate` does.
 pub struct HeadClock {
     timeout: Duration,
     watch: Arc<ConnectionWatch>,
@@ -199,8 +208,7 @@ impl HeadClock {
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
         loop {
             // Polled only to register the waker (with cooperative budget: without it,
-            // tokio's `Sleep` registers nothing) and once it fired, as in
-            // `proxy::forward`'s `TimerGate`. The connection runs in one task.
+            // tokio's `Sleep` registers nothing) and once it fired.
             if self.armed && !self.timer.is_elapsed() {
                 return Poll::Pending;
             }
@@ -219,7 +227,8 @@ impl HeadClock {
             self.writes_at = writes;
             let (answered, answered_at) = self.answers.responses_finished();
             let waiting = self.watch.heads.load(Ordering::Relaxed) == answered
-                && !self.watch.write_blocked.load(Ordering::Relaxed);
+                && !self.watch.write_blocked.load(Ordering::Relaxed)
+                && !self.watch.in_body.load(Ordering::Relaxed);
             let deadline = if waiting && !wrote {
                 answered_at + self.timeout
             } else {
@@ -255,6 +264,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
                 this.watch
                     .heads
                     .store(this.framing.heads(), Ordering::Relaxed);
+                this.watch
+                    .in_body
+                    .store(this.framing.in_body(), Ordering::Relaxed);
             }
         }
         Poll::Ready(Ok(()))

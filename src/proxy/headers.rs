@@ -743,14 +743,15 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    /// The head as it was built before the one-walk rewrite: every removal by name, in
-    /// order. The model the property holds `backend_request_head` to.
+    /// The model's `X-Forwarded-Host`: a copy of the first `Host`, looked up by name.
     fn copy_host(headers: &mut HeaderMap) {
         if let Some(host) = headers.get(header::HOST).cloned() {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
     }
 
+    /// The head as it was built before the one-walk rewrite: every removal by name, in
+    /// order. The model the property holds `backend_request_head` to.
     fn by_name(headers: &mut HeaderMap, peer: IpAddr, trusted: bool, request_id: &HeaderValue) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)

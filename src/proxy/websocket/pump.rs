@@ -214,12 +214,6 @@ fn next_look(keepalive_next: Instant, stall: &WriteStall, drain_until: Option<In
         .fold(keepalive_next, Instant::min)
 }
 
-/// Runs a relay to its end and returns its counts. The client leg comes wrapped in a
-/// `WriteWatch`, so the relay can tell a client that stopped reading from a slow one.
-///
-/// `chat` reads the Socket.IO traffic on the way: it counts and times the chat, refuses a
-/// user message over a limit (the client gets a notice instead), and on a drain keeps the
-/// relay open until the answers in progress are done, within `drain_grace`.
 /// Polls the relay's timer only when that can change something: to register the task's
 /// waker after the timer was made or reset, and once it has fired. Polled on every wake-up
 /// it cost two updates of its registration per echoed message (bench/NOTES.md, issue 12).
@@ -238,6 +232,12 @@ fn poll_timer(timer: Pin<&mut Sleep>, armed: &mut bool, cx: &mut Context<'_>) ->
     polled
 }
 
+/// Runs a relay to its end and returns its counts. The client leg comes wrapped in a
+/// `WriteWatch`, so the relay can tell a client that stopped reading from a slow one.
+///
+/// `chat` reads the Socket.IO traffic on the way: it counts and times the chat, refuses a
+/// user message over a limit (the client gets a notice instead), and on a drain keeps the
+/// relay open until the answers in progress are done, within `drain_grace`.
 pub async fn pump<C, B>(
     mut client: WebSocketStream<WriteWatch<C>>,
     mut backend: WebSocketStream<B>,
@@ -540,6 +540,7 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     const INTERVAL: Duration = Duration::from_secs(30);
+    const TIMEOUT: Duration = Duration::from_secs(20);
 
     #[tokio::test]
     async fn the_relay_timer_first_polled_without_budget_still_fires() {
@@ -565,7 +566,6 @@ mod tests {
         .await;
         assert!(fired.is_ok(), "the relay timer never fired");
     }
-    const TIMEOUT: Duration = Duration::from_secs(20);
 
     /// A relay over in-memory pipes whose client pipe holds `client_pipe` bytes: (the raw
     /// client peer, backend peer, the pump's task, the shutdown token).
