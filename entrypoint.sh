@@ -246,7 +246,7 @@ graceful_stop() {
 # supervises chatgate alone. Its exit is the script's: 0 after a requested stop that ended
 # cleanly, else non-zero.
 run_with_workers() {
-    local status exited_pid tick_pid
+    local status
     log "starting chatgate with CHATGATE_WORKERS=$CHATGATE_WORKERS, worker command: $WORKER_CMD"
     spawn "$CHATGATE_BIN" "$@" -- bash -c "exec $WORKER_CMD"
     chatgate_pid=$!
@@ -263,15 +263,8 @@ run_with_workers() {
             log "stopped"
             exit 0
         fi
-        # As in `main`'s loop: the tick bounds how late a signal that lands just before
-        # `wait` starts is seen.
-        sleep 1 &
-        tick_pid=$!
-        wait -n -p exited_pid "$chatgate_pid" "$tick_pid"
+        wait "$chatgate_pid"
         status=$?
-        [[ ${exited_pid:-} == "$tick_pid" ]] && continue
-        kill "$tick_pid" 2>/dev/null
-        wait "$tick_pid" 2>/dev/null
         if [[ -z $stop_signal ]] && ! alive "$chatgate_pid"; then
             log "error: chatgate (pid $chatgate_pid) exited on its own with status $status"
             signal_group KILL "$chatgate_pid"
@@ -281,7 +274,7 @@ run_with_workers() {
 }
 
 main() {
-    local status exited_pid tick_pid
+    local status exited_pid
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
 
@@ -316,17 +309,9 @@ main() {
             graceful_stop
         fi
         exited_pid=""
-        # Returns when either child exits, or early (status > 128) when a trapped signal
-        # arrives. A signal that lands just before `wait` starts has its trap run first, and
-        # `wait` would then block until a child exits: the tick ends the wait within a
-        # second so that the check above sees it.
-        sleep 1 &
-        tick_pid=$!
-        wait -n -p exited_pid "$backend_pid" "$chatgate_pid" "$tick_pid"
+        # Returns when either child exits, or early (status > 128) when a trapped signal arrives.
+        wait -n -p exited_pid "$backend_pid" "$chatgate_pid"
         status=$?
-        [[ ${exited_pid:-} == "$tick_pid" ]] && continue
-        kill "$tick_pid" 2>/dev/null
-        wait "$tick_pid" 2>/dev/null
         if [[ -n $stop_signal ]]; then
             graceful_stop
         fi
