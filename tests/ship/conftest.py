@@ -31,6 +31,14 @@ STANDIN = HERE / "standin_backend.py"
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and every child inherits that through exec: entrypoint.sh could then not trap
+# the SIGINT its test sends (a non-interactive shell cannot trap a signal ignored on entry)
+# and the test would wait out its timeout. A handler set here is reset to the default in
+# each child at exec, so every child starts with SIGINT deliverable, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
