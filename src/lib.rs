@@ -38,3 +38,4 @@ mod metrics;
 mod monitor;
 mod responses;
 mod state;
+mod timer;

@@ -49,23 +49,32 @@ async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, 
     )
 }
 
-#[tokio::test]
-async fn headers_trickled_a_byte_per_100ms_are_still_cut_at_the_header_timeout() {
-    let backend = echo_backend().await;
-    let proxy = Proxy::start(backend.addr, &["--header-read-timeout", "1"]).await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut reader, mut writer) = stream.into_split();
-    // Every byte arrives well inside any per-read timeout; the head as a whole never ends.
-    let trickle = tokio::spawn(async move {
-        let head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+/// Writes `head`, then an endless header value, a byte per 100 ms, `bytes` in all (or until
+/// the proxy closes): a head that never ends, each byte well inside any per-read timeout.
+fn trickle_endless_head(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    head: &'static [u8],
+    bytes: usize,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let endless = head.iter().copied().chain(std::iter::repeat(b'a'));
-        for byte in endless.take(200) {
+        for byte in endless.take(bytes) {
             if writer.write_all(&[byte]).await.is_err() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    });
+    })
+}
+
+#[tokio::test]
+async fn headers_trickled_a_byte_per_100ms_are_still_cut_at_the_header_timeout() {
+    let backend = echo_backend().await;
+    let proxy = Proxy::start(backend.addr, &["--header-read-timeout", "1"]).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut reader, writer) = stream.into_split();
+    // Every byte arrives well inside any per-read timeout; the head as a whole never ends.
+    let trickle = trickle_endless_head(writer, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", 200);
     let started = Instant::now();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(6), reader.read_to_end(&mut out)).await;
@@ -112,21 +121,8 @@ async fn a_second_head_trickled_after_an_answer_is_cut_within_two_header_timeout
     let first = read_answers(&mut stream, 1, "x-echo-uri: /first").await;
     assert_eq!(status_of(&first), Some(200), "{first}");
     let answered = Instant::now();
-    let (mut reader, mut writer) = stream.into_split();
-    let trickle = tokio::spawn(async move {
-        let head = b"GET /second HTTP/1.1\r\nHost: x\r\nX-Slow: ";
-        for byte in head
-            .iter()
-            .copied()
-            .chain(std::iter::repeat(b'a'))
-            .take(100)
-        {
-            if writer.write_all(&[byte]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let (mut reader, writer) = stream.into_split();
+    let trickle = trickle_endless_head(writer, b"GET /second HTTP/1.1\r\nHost: x\r\nX-Slow: ", 100);
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(8), reader.read_to_end(&mut rest)).await;
     let held = answered.elapsed();

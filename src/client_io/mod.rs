@@ -21,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 pub use framing::{FramingCheck, Outcome};
 
 use crate::metrics::MetricsHandle;
+use crate::timer::poll_armed;
 
 /// Marks a request on a connection whose framing check found a head with both
 /// `Content-Length` and `Transfer-Encoding` (or lost track of the stream): the pipeline
@@ -176,9 +177,8 @@ impl<T> ClientIo<T> {
 /// connection, or a head trickling in after an answer, is cut between one and two timeouts
 /// after the answer went out; a first head, one timeout after the connection opened.
 ///
-/// Its `armed` flag assumes one task polls it (the connection's, in `server.rs`'s
-/// `select!`): polled through a combinator with wakers of its own, it would need to keep
-/// the waker and compare it, as `proxy::forward`'s `TimerGate` does.
+/// Its timer is polled through `timer::poll_armed`, which assumes one task polls it (the
+/// connection's, in `server.rs`'s `select!`).
 pub struct HeadClock {
     timeout: Duration,
     watch: Arc<ConnectionWatch>,
@@ -187,7 +187,7 @@ pub struct HeadClock {
     /// `ConnectionWatch::writes` when the timer last fired.
     writes_at: u32,
     timer: Pin<Box<Sleep>>,
-    /// The timer holds this task's waker (see `poll`).
+    /// The timer holds this task's waker (`timer::poll_armed`).
     armed: bool,
 }
 
@@ -207,17 +207,7 @@ impl HeadClock {
     /// once it is upgraded (a relay keeps its own timers).
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
         loop {
-            // Polled only to register the waker (with cooperative budget: without it,
-            // tokio's `Sleep` registers nothing) and once it fired.
-            if self.armed && !self.timer.is_elapsed() {
-                return Poll::Pending;
-            }
-            let budget = tokio::task::coop::has_budget_remaining();
-            if self.timer.as_mut().poll(cx).is_pending() {
-                self.armed = budget;
-                return Poll::Pending;
-            }
-            self.armed = false;
+            ready!(poll_armed(self.timer.as_mut(), &mut self.armed, cx));
             if self.watch.is_upgraded() {
                 return Poll::Pending;
             }
@@ -238,6 +228,7 @@ impl HeadClock {
                 return Poll::Ready(self.timeout);
             }
             self.timer.as_mut().reset(deadline);
+            self.armed = false;
         }
     }
 }

@@ -24,6 +24,7 @@ use super::stats::{Counts, RelayStats};
 use crate::chat::{ChatRelay, Verdict};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::timer::poll_armed;
 
 /// How long a closing handshake may take before the connections are dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -214,24 +215,6 @@ fn next_look(keepalive_next: Instant, stall: &WriteStall, drain_until: Option<In
         .fold(keepalive_next, Instant::min)
 }
 
-/// Polls the relay's timer only when that can change something: to register the task's
-/// waker after the timer was made or reset, and once it has fired. Polled on every wake-up
-/// it cost two updates of its registration per echoed message (bench/NOTES.md, issue 12).
-/// The pump only ever runs in its own task, so one flag says whether the waker is there.
-///
-/// Armed only by a poll that had cooperative budget left: without budget, tokio's `Sleep`
-/// returns `Pending` before it registers anything (tokio then wakes the task again itself),
-/// like the response timer's gate in `proxy/forward.rs`.
-fn poll_timer(timer: Pin<&mut Sleep>, armed: &mut bool, cx: &mut Context<'_>) -> Poll<()> {
-    if *armed && !timer.is_elapsed() {
-        return Poll::Pending;
-    }
-    let budget = tokio::task::coop::has_budget_remaining();
-    let polled = timer.poll(cx);
-    *armed = polled.is_pending() && budget;
-    polled
-}
-
 /// Runs a relay to its end and returns its counts. The client leg comes wrapped in a
 /// `WriteWatch`, so the relay can tell a client that stopped reading from a slow one.
 ///
@@ -260,7 +243,8 @@ where
     let mut keepalive_next = Instant::now() + settings.ping_interval;
     let mut reported = (0u64, 0u64);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep_until(keepalive_next));
-    // Whether the timer holds this task's waker (see `poll_timer`); cleared by every reset.
+    // Whether the timer holds this task's waker (see `timer::poll_armed`); cleared by
+    // every reset.
     let mut timer_armed = false;
     let shutdown = settings.shutdown.cancelled();
     tokio::pin!(shutdown);
@@ -286,7 +270,7 @@ where
             if drain_until.is_some() && chat.answers_in_progress() == 0 && b2c.is_idle() {
                 return Poll::Ready(Event::Shutdown);
             }
-            while poll_timer(timer.as_mut(), &mut timer_armed, cx).is_ready() {
+            while poll_armed(timer.as_mut(), &mut timer_armed, cx).is_ready() {
                 let now = Instant::now();
                 if drain_until.is_some_and(|until| now >= until) {
                     return Poll::Ready(Event::Shutdown);
@@ -541,31 +525,6 @@ mod tests {
 
     const INTERVAL: Duration = Duration::from_secs(30);
     const TIMEOUT: Duration = Duration::from_secs(20);
-
-    #[tokio::test]
-    async fn the_relay_timer_first_polled_without_budget_still_fires() {
-        let mut timer = Box::pin(tokio::time::sleep(Duration::from_millis(50)));
-        let mut armed = false;
-        let mut first = true;
-        let fired = tokio::time::timeout(
-            Duration::from_secs(5),
-            poll_fn(|cx| {
-                if std::mem::take(&mut first) {
-                    // The task's budget used up before the timer's first poll, as a burst
-                    // of messages can leave it.
-                    loop {
-                        let spend = std::pin::pin!(tokio::task::consume_budget());
-                        if spend.poll(cx).is_pending() {
-                            break;
-                        }
-                    }
-                }
-                poll_timer(timer.as_mut(), &mut armed, cx)
-            }),
-        )
-        .await;
-        assert!(fired.is_ok(), "the relay timer never fired");
-    }
 
     /// A relay over in-memory pipes whose client pipe holds `client_pipe` bytes: (the raw
     /// client peer, backend peer, the pump's task, the shutdown token).
