@@ -40,6 +40,9 @@ use crate::telemetry::AccessLog;
 pub struct Connection<'a> {
     pub gw: &'a Gateway,
     pub peer: SocketAddr,
+    /// `peer` as its `X-Forwarded-For` entry ([`crate::proxy::headers::peer_value`]), made
+    /// once.
+    pub peer_value: HeaderValue,
     /// The backend connection this client connection's requests go out on.
     pub owned: &'a OwnedBackend,
     pub metrics: &'a MetricsHandle,
@@ -72,11 +75,12 @@ pub fn handle<'a>(
         peer,
         owned,
         metrics,
+        ..
     } = *conn;
     let started = Instant::now();
     let browser = facts.browser_navigation;
     let hosts = facts.hosts;
-    let ctx = context(gw, &req, peer, facts);
+    let ctx = context(gw, &req, peer, &conn.peer_value, facts);
     // The route borrows the context's URI, so it is computed once and handed down.
     let route = classify(ctx.uri.path());
     let probe = is_probe(route);
@@ -212,6 +216,7 @@ fn context(
     gw: &Gateway,
     req: &Request<Incoming>,
     peer: SocketAddr,
+    peer_value: &HeaderValue,
     facts: HeadFacts,
 ) -> RequestContext {
     let peer = peer.ip();
@@ -219,6 +224,7 @@ fn context(
     let request_id = facts.request_id.unwrap_or_else(new_request_id);
     RequestContext {
         peer,
+        peer_value: peer_value.clone(),
         trusted_peer: is_trusted(peer, trusted),
         client: client_addr(peer, req.headers(), trusted),
         request_id,

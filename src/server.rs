@@ -22,7 +22,7 @@ use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict,
 use crate::config::Config;
 use crate::gateway::Connection;
 use crate::metrics::MetricsHandle;
-use crate::proxy::headers::HeadFacts;
+use crate::proxy::headers::{HeadFacts, peer_value};
 use crate::responses::TOO_MANY_CONNECTIONS;
 use crate::state::{Gateway, PROBE_RESERVE, ProbeReserve};
 
@@ -236,6 +236,7 @@ async fn serve_connection(
     let conn = Connection {
         gw: &gateway,
         peer,
+        peer_value: peer_value(peer.ip()),
         owned: &owned,
         metrics: &log_metrics,
     };

@@ -11,7 +11,7 @@ use chatgate::asset_cache::policy;
 use chatgate::config::{Cli, Config, parse_backend, parse_trusted_proxies};
 use chatgate::proxy::headers::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, client_addr, is_sane_request_id,
-    parse_forwarded_ip, set_forwarded, strip_hop_by_hop,
+    parse_forwarded_ip, peer_value, set_forwarded, strip_hop_by_hop,
 };
 use chatgate::routes::{Route, chat_redirect_location, classify, socketio_backend_path};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -312,7 +312,7 @@ proptest! {
         if let Some(h) = &host {
             headers.insert(header::HOST, h.clone());
         }
-        set_forwarded(&mut headers, peer, false);
+        set_forwarded(&mut headers, &peer_value(peer), false);
         let all = |name: &HeaderName| headers.get_all(name).iter().cloned().collect::<Vec<_>>();
         let peer_text = canonical(peer).to_string();
         prop_assert_eq!(all(&X_FORWARDED_FOR), vec![HeaderValue::from_str(&peer_text).unwrap()]);
@@ -330,7 +330,7 @@ proptest! {
         for v in &xff {
             headers.append(X_FORWARDED_FOR.clone(), v.clone());
         }
-        set_forwarded(&mut headers, peer, true);
+        set_forwarded(&mut headers, &peer_value(peer), true);
         let values: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
         prop_assert_eq!(values.len(), 1);
         let peer_text = canonical(peer).to_string();

@@ -62,7 +62,7 @@ pub fn backend_request_head(
     parts.version = http::Version::HTTP_11;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
-    let has_host = set_forwarded(headers, ctx.peer, ctx.trusted_peer);
+    let has_host = set_forwarded(headers, &ctx.peer_value, ctx.trusted_peer);
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if let Some(host) = &backend.host_override {
         headers.insert(header::HOST, host.clone());
@@ -249,10 +249,9 @@ pub fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
 /// From a trusted proxy, its `X-Forwarded-For` is appended to and its `-Proto`/`-Host` kept;
 /// from anyone else all three are overwritten with what chatgate itself saw, so a client
 /// cannot spoof its address or make the backend believe it was reached over https, and the
-/// other spellings of the same claims (`Forwarded`, `X-Real-IP`, ...) are removed. Returns
-/// whether the request has a `Host` field.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) -> bool {
-    let peer = canonical(peer);
+/// other spellings of the same claims (`Forwarded`, `X-Real-IP`, ...) are removed. `peer` is
+/// the TCP peer as [`peer_value`] writes it. Returns whether the request has a `Host` field.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, trusted_peer: bool) -> bool {
     // One walk over the fields finds the client's `Host` and what the peer said before
     // (trusted) or may not say (not trusted): a lookup by name per field hashes the name
     // and probes the map, and `X-Forwarded-*` are custom names, hashed byte by byte
@@ -278,9 +277,9 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) 
             }
         }
         if chain.is_empty() {
-            headers.insert(X_FORWARDED_FOR.clone(), ip_value(peer));
+            headers.insert(X_FORWARDED_FOR.clone(), peer.clone());
         } else {
-            push_ip(&mut chain, peer);
+            chain.push_str(peer.to_str().unwrap_or("unknown"));
             set(headers, &X_FORWARDED_FOR, &chain);
         }
         if !proto {
@@ -302,7 +301,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) 
         for name in doomed {
             headers.remove(name);
         }
-        headers.insert(X_FORWARDED_FOR.clone(), ip_value(peer));
+        headers.insert(X_FORWARDED_FOR.clone(), peer.clone());
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
         if let Some(host) = host.clone() {
             headers.insert(X_FORWARDED_HOST.clone(), host);
@@ -311,24 +310,13 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool) 
     host.is_some()
 }
 
-/// Appends an address's text to `line` (IPv4 digit by digit, as in [`ip_value`]).
-fn push_ip(line: &mut String, addr: IpAddr) {
-    match addr {
-        IpAddr::V4(v4) => {
-            let mut text = [0u8; 15];
-            let len = crate::ascii::ipv4(v4, &mut text);
-            line.push_str(std::str::from_utf8(&text[..len]).unwrap_or("unknown"));
-        }
-        IpAddr::V6(v6) => {
-            use std::fmt::Write as _;
-            let _ = write!(line, "{v6}");
-        }
-    }
-}
-
-/// An address as a header value. IPv4 is written digit by digit: `Display` for an address
-/// goes through `core::fmt` and a padding pass, a few hundred instructions per request.
-fn ip_value(addr: IpAddr) -> HeaderValue {
+/// A TCP peer's address as the `X-Forwarded-For` entry chatgate adds (an IPv4-mapped IPv6
+/// address as IPv4). Made once per client connection, since the peer is the same for all
+/// its requests: each request then clones it (a reference count) instead of writing,
+/// checking and allocating it (bench/NOTES.md, issue 12). IPv4 is written digit by digit:
+/// `Display` for an address goes through `core::fmt` and a padding pass.
+pub fn peer_value(addr: IpAddr) -> HeaderValue {
+    let addr = canonical(addr);
     let mut text = [0u8; 15];
     let len = match addr {
         IpAddr::V4(v4) => crate::ascii::ipv4(v4, &mut text),
@@ -555,6 +543,7 @@ mod tests {
             let peer: IpAddr = case.peer.parse().unwrap();
             let ctx = RequestContext {
                 peer,
+                peer_value: peer_value(peer),
                 trusted_peer: case.trusted,
                 client: peer,
                 request_id: HeaderValue::from_static("req-1"),
@@ -614,6 +603,21 @@ mod tests {
     }
 
     #[test]
+    fn peer_value_is_the_canonical_address() {
+        let value = |ip: &str| peer_value(ip.parse().unwrap());
+        assert_eq!(value("203.0.113.9"), "203.0.113.9");
+        assert_eq!(value("0.0.0.0"), "0.0.0.0");
+        assert_eq!(value("255.255.255.255"), "255.255.255.255");
+        assert_eq!(
+            value("::ffff:192.0.2.1"),
+            "192.0.2.1",
+            "IPv4-mapped is IPv4"
+        );
+        assert_eq!(value("2001:db8::1"), "2001:db8::1");
+        assert_eq!(value("::1"), "::1");
+    }
+
+    #[test]
     fn untrusted_peer_cannot_spoof_forwarded_headers() {
         let mut h = map(&[
             ("host", "chat.example"),
@@ -623,7 +627,7 @@ mod tests {
             ("forwarded", "for=6.6.6.6;proto=https"),
             ("x-real-ip", "6.6.6.6"),
         ]);
-        set_forwarded(&mut h, "203.0.113.9".parse().unwrap(), false);
+        set_forwarded(&mut h, &peer_value("203.0.113.9".parse().unwrap()), false);
         assert!(h.get("forwarded").is_none() && h.get("x-real-ip").is_none());
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -639,7 +643,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "chat.example"),
         ]);
-        set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), true);
+        set_forwarded(&mut h, &peer_value("10.0.0.2".parse().unwrap()), true);
         assert_eq!(h["x-forwarded-for"], "198.51.100.7, 10.0.0.3, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "chat.example");
@@ -962,6 +966,7 @@ mod properties {
             parts.headers = headers;
             let ctx = RequestContext {
                 peer,
+                peer_value: peer_value(peer),
                 trusted_peer: trusted,
                 client: peer,
                 request_id,

@@ -15,6 +15,9 @@ use http::HeaderValue;
 pub struct RequestContext {
     /// The TCP peer.
     pub peer: IpAddr,
+    /// The TCP peer as its `X-Forwarded-For` entry, made once per connection
+    /// ([`headers::peer_value`]).
+    pub peer_value: HeaderValue,
     /// Whether the peer is one of `--trusted-proxies` (its `X-Forwarded-*` count).
     pub trusted_peer: bool,
     /// The client as the trusted-proxy logic sees it (for limits and logs).
