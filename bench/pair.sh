@@ -2,18 +2,28 @@
 # Paired A/B of proxy commands on GET 2 KiB (bench/NOTES.md, issue 12): each round starts every
 # command fresh on PROXY_CPUS, loads it with wrk from LOAD_CPUS and reports CPU per request
 # (user and sys from /proc/PID/stat). Rounds alternate, so machine drift hits all alike.
+# LOAD=ws: WebSocket echo instead (ws-load, 64 relays, 128-byte messages), CPU per message.
 #
 #   bench/pair.sh ROUNDS 'name=command with @PORT@ and @BACKEND@' ...
 #   bench/pair.sh 5 "new=target/release/chatgate --listen 127.0.0.1:@PORT@ --backend http://@BACKEND@" \
 #                   "floor=target/release/hyper-floor --listen 127.0.0.1:@PORT@ --backend @BACKEND@" nginx
 #
-# `nginx` alone is nginx from bench/conf/nginx.conf.in as one process (one worker, no master).
+# `nginx` alone is nginx from bench/conf/nginx.conf.in as one process (one worker, no master);
+# `haproxy` alone is HAProxy from bench/conf/haproxy.cfg.in (one thread per CPU it may use).
 # Knobs: DUR=3 seconds per measured run, PROXY_CPUS=1, LOAD_CPUS=0, PORT_BASE=19100,
 # COUNT=1 to add the proxy's syscalls and context switches per request (perf stat; steadier
 # than CPU time on a noisy machine; tracing every syscall slows the proxy, so compare CPU
 # times only between runs with the same COUNT).
 # Needs a release build of the bench tools (cargo build --release -p chatgate-bench) and wrk.
 set -euo pipefail
+
+case ${LOAD:-http} in
+http | ws) ;;
+*)
+    echo "LOAD=$LOAD: use http (the default) or ws" >&2
+    exit 1
+    ;;
+esac
 
 ROUNDS=$1
 shift
@@ -44,6 +54,35 @@ start_nginx() {
         -g 'daemon off; master_process off;'
 }
 
+start_haproxy() {
+    local cfg=$WORK/haproxy-$1.cfg
+    sed -e "s/@PORT@/$1/g" -e "s/@BACKEND_PORT@/${BACKEND##*:}/g" -e "s/@MAXCONN@/4096/g" \
+        "$ROOT/bench/conf/haproxy.cfg.in" >"$cfg"
+    exec taskset -c "$PROXY_CPUS" haproxy -f "$cfg" -db
+}
+
+# The measured load on port $1 for DUR seconds (and a 1 s warm-up when $2 is "warm"):
+# prints "COUNT RATE", requests or messages and their rate per second.
+load() {
+    if [[ ${LOAD:-http} == ws ]]; then
+        local out
+        out=$(taskset -c "$LOAD_CPUS" "$BIN/ws-load" --url "ws://127.0.0.1:$1/ws/echo" --connections 64 \
+            --duration "$([[ $2 == warm ]] && echo 1 || echo "$DUR")") || true
+        grep -q 'errors=0' <<<"$out" || { echo "ws-load reported errors on port $1: $out" >&2; exit 1; }
+        [[ $2 == warm ]] || sed -n 's/.*messages=\([0-9]*\).*msgs_per_s=\([0-9.]*\).*/\1 \2/p' <<<"$out"
+    else
+        local out
+        out=$(taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d"$([[ $2 == warm ]] && echo 1 || echo "$DUR")s" "http://127.0.0.1:$1/page")
+        if grep -q -e 'Non-2xx' -e 'Socket errors' <<<"$out"; then
+            echo "wrk saw errors on port $1: $out" >&2
+            exit 1
+        fi
+        [[ $2 == warm ]] || awk '/requests in/ {q = $1} /Requests\/sec/ {r = $2} END {print q, r}' <<<"$out"
+    fi
+}
+UNIT=req
+[[ ${LOAD:-http} == ws ]] && UNIT=msg
+
 cpu() { awk '{print $14, $15}' "/proc/$1/stat"; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
@@ -53,6 +92,9 @@ for round in $(seq 1 "$ROUNDS"); do
         if [[ $spec == nginx ]]; then
             name=nginx
             start_nginx "$port" >"$WORK/$port.log" 2>&1 &
+        elif [[ $spec == haproxy ]]; then
+            name=haproxy
+            start_haproxy "$port" >"$WORK/$port.log" 2>&1 &
         else
             name=${spec%%=*}
             cmd=${spec#*=}
@@ -68,7 +110,7 @@ for round in $(seq 1 "$ROUNDS"); do
             curl -s -o /dev/null "http://127.0.0.1:$port/page" && break
             sleep 0.05
         done
-        taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d1s "http://127.0.0.1:$port/page" >/dev/null
+        load "$port" warm
         if [[ ${COUNT:-0} == 1 ]]; then
             perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$WORK/perf" &
             perf_pid=$!
@@ -76,7 +118,8 @@ for round in $(seq 1 "$ROUNDS"); do
             sleep 0.1
         fi
         read -r u0 s0 < <(cpu "$pid")
-        out=$(taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d"${DUR}s" "http://127.0.0.1:$port/page")
+        read -r requests rps < <(load "$port" measured)
+        [[ -n ${requests:-} && $requests != 0 ]] || { echo "$name round $round: no load measured" >&2; exit 1; }
         read -r u1 s1 < <(cpu "$pid")
         counts=""
         if [[ ${COUNT:-0} == 1 ]]; then
@@ -84,13 +127,11 @@ for round in $(seq 1 "$ROUNDS"); do
             wait "$perf_pid" 2>/dev/null || true
             forget_pid "$perf_pid"
             [[ -s $WORK/perf ]] || { echo "perf stat could not count (COUNT=1 needs perf and tracepoints)" >&2; exit 1; }
-            counts=$(awk -F, -v q="$(awk '/requests in/ {print $1}' <<<"$out")" \
-                '/sys_enter/ {s = $1} /context-switches/ {c = $1} END {printf "  syscalls %.2f  switches %.3f /req", s / q, c / q}' "$WORK/perf")
+            counts=$(awk -F, -v q="$requests" -v unit="$UNIT" \
+                '/sys_enter/ {s = $1} /context-switches/ {c = $1} END {printf "  syscalls %.2f  switches %.3f /%s", s / q, c / q, unit}' "$WORK/perf")
         fi
-        requests=$(awk '/requests in/ {print $1}' <<<"$out")
-        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
         awk -v n="$name" -v r="$round" -v rps="$rps" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v q="$requests" -v t="$TICK_US" \
-            -v c="$counts" 'BEGIN { printf "%-14s round %d: %8.0f req/s  user %5.2f  sys %5.2f  total %5.2f us/req%s\n", n, r, rps, u * t / q, s * t / q, (u + s) * t / q, c }'
+            -v c="$counts" -v unit="$UNIT" 'BEGIN { printf "%-14s round %d: %8.0f %s/s  user %5.2f  sys %5.2f  total %5.2f us/%s%s\n", n, r, rps, unit, u * t / q, s * t / q, (u + s) * t / q, unit, c }'
         stop_pid "$pid"
     done
 done

@@ -1,18 +1,24 @@
-//! The floor of a proxy built on hyper: the least a hyper HTTP/1.1 server plus a hyper
-//! client can do per proxied request (no routing, headers, limits, metrics or logs), to
-//! measure chatgate's per-request CPU against (`bench/NOTES.md`, issue 12).
+//! The floor of a proxy built on hyper and tokio-tungstenite: the least a hyper HTTP/1.1
+//! server plus a hyper client can do per proxied request, and the least a tokio-tungstenite
+//! relay can do per relayed message (no routing, headers, limits, metrics, logs, chat reader
+//! or keep-alive), to measure chatgate's CPU against (`bench/NOTES.md`, issue 12).
 //!
 //! hyper-floor --listen 127.0.0.1:18090 --backend 127.0.0.1:18080 [--pool] [--threads N]
 //!
 //! Default: each client connection owns one backend connection, driven in the same task
 //! (chatgate's design). `--pool`: hyper-util's pooled client instead (chatgate before it).
+//! A WebSocket upgrade (owned mode) gets its 101 from hyper and is relayed message by
+//! message to a backend leg opened with tokio-tungstenite's client handshake, both legs with
+//! chatgate's buffer sizes.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Either, Empty};
+use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1 as client;
 use hyper::server::conn::http1 as server;
 use hyper::service::service_fn;
@@ -20,6 +26,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -72,7 +81,7 @@ async fn serve(args: Args) -> std::io::Result<()> {
                         if let Ok(uri) = format!("http://{backend}{pq}").parse::<Uri>() {
                             *req.uri_mut() = uri;
                         }
-                        Ok::<_, hyper_util::client::legacy::Error>(pool.request(req).await?)
+                        pool.request(req).await
                     }
                 });
                 let _ = server::Builder::new()
@@ -128,6 +137,9 @@ async fn owned(stream: TcpStream, backend: SocketAddr) {
     let service = service_fn(move |mut req: Request<Incoming>| {
         let sender = Arc::clone(&sender);
         async move {
+            if req.headers().contains_key(header::SEC_WEBSOCKET_KEY) {
+                return Ok(upgrade(req, backend).map(|b| Either::Right(b.map_err(|e| match e {}))));
+            }
             if let Some(pq) = req.uri().path_and_query().cloned() {
                 *req.uri_mut() = Uri::from(pq);
             }
@@ -135,17 +147,93 @@ async fn owned(stream: TcpStream, backend: SocketAddr) {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .send_request(req);
-            Ok::<Response<Incoming>, hyper::Error>(response.await?)
+            Ok::<_, hyper::Error>(response.await?.map(Either::Left))
         }
     });
-    let connection = server::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let connection = server::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(connection);
     tokio::pin!(conn);
+    tokio::select! {
+        biased;
+        _ = connection.as_mut() => {}
+        _ = conn.as_mut() => {}
+    }
+}
+
+/// chatgate's relay buffers (`src/proxy/websocket/mod.rs`): 512-byte reads, 8 KiB of writes
+/// gathered.
+fn relay_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(512)
+        .write_buffer_size(8 * 1024)
+}
+
+/// Answers a WebSocket upgrade with 101 and relays it, once hyper hands the connection over,
+/// to a backend leg at the same path.
+fn upgrade(mut req: Request<Incoming>, backend: SocketAddr) -> Response<Empty<Bytes>> {
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY);
+    let Some(accept) =
+        key.and_then(|k| HeaderValue::from_str(&derive_accept_key(k.as_bytes())).ok())
+    else {
+        let mut refused = Response::new(Empty::new());
+        *refused.status_mut() = StatusCode::BAD_REQUEST;
+        return refused;
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let (Ok(upgraded), Ok(tcp)) = (on_upgrade.await, TcpStream::connect(backend).await) else {
+            return;
+        };
+        let _ = tcp.set_nodelay(true);
+        let url = format!("ws://{backend}{path}");
+        let Ok((backend_leg, _)) =
+            tokio_tungstenite::client_async_with_config(url, tcp, Some(relay_config())).await
+        else {
+            return;
+        };
+        let client_leg = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(relay_config()),
+        )
+        .await;
+        relay(client_leg, backend_leg).await;
+    });
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
+/// Each message read on one leg is sent on the other, until either ends.
+async fn relay<A, B>(mut client: WebSocketStream<A>, mut backend: WebSocketStream<B>)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
-        tokio::select! {
-            biased;
-            _ = connection.as_mut() => return,
-            _ = conn.as_mut() => return,
+        let sent = tokio::select! {
+            message = client.next() => match message {
+                Some(Ok(message)) => backend.send(message).await,
+                _ => return,
+            },
+            message = backend.next() => match message {
+                Some(Ok(message)) => client.send(message).await,
+                _ => return,
+            },
+        };
+        if sent.is_err() {
+            return;
         }
     }
 }
