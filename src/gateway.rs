@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::{self, HeaderValue};
@@ -18,7 +19,7 @@ use crate::backend::affinity::{engineio_request, unknown_session};
 use crate::backend::owned::OwnedBackend;
 use crate::backend::pool::{Routing, Target};
 use crate::body::ProxyBody;
-use crate::client_io::FramingConflict;
+use crate::client_io::{ConnectionWatch, FramingConflict};
 use crate::config::AuthStubMode;
 use crate::error::ProxyError;
 use crate::limits::{limit_class, origin_allowed};
@@ -46,6 +47,10 @@ pub struct Connection<'a> {
     /// The backend connection this client connection's requests go out on.
     pub owned: &'a OwnedBackend,
     pub metrics: &'a MetricsHandle,
+    /// What the connection's socket wrapper and its requests tell each other.
+    pub watch: &'a Arc<ConnectionWatch>,
+    /// Admitted beyond `--max-connections`, for the probes only.
+    pub reserve: bool,
 }
 
 /// A request's answer, or the error that becomes it.
@@ -65,18 +70,30 @@ type Work<'a> = Pin<Box<dyn Future<Output = (Answer, RequestContext)> + Send + '
 /// dispatch, the asset cache, the backend leg, each awaiting the next) copied each layer's
 /// future into its parent on every request, and hyper moved the outermost into place
 /// (bench/NOTES.md, issue 12).
-pub fn handle<'a>(
-    conn: &Connection<'a>,
-    req: Request<Incoming>,
-    facts: HeadFacts,
-) -> Answering<'a> {
+pub fn handle<'a>(conn: &Connection<'a>, mut req: Request<Incoming>) -> Answering<'a> {
     let Connection {
         gw,
         peer,
         owned,
         metrics,
+        watch,
+        reserve,
         ..
     } = *conn;
+    // What the connection knows goes in as request extensions, set only when there is
+    // something to say, so an ordinary request allocates nothing.
+    let facts = HeadFacts::of(req.method(), req.headers());
+    let chunked = facts.transfer_encoding;
+    if chunked && watch.refuses_chunked() {
+        req.extensions_mut().insert(FramingConflict);
+    }
+    if reserve {
+        req.extensions_mut().insert(ProbeReserve);
+    }
+    // A WebSocket relay tells the watch once it holds the socket (`proxy::websocket`).
+    if facts.upgrade_field {
+        req.extensions_mut().insert(Arc::clone(watch));
+    }
     let started = Instant::now();
     let browser = facts.browser_navigation;
     let hosts = facts.hosts;
@@ -130,6 +147,8 @@ pub fn handle<'a>(
     Answering {
         gw,
         metrics,
+        watch,
+        chunked,
         started,
         browser,
         probe,
@@ -144,6 +163,9 @@ pub fn handle<'a>(
 pub struct Answering<'a> {
     gw: &'a Gateway,
     metrics: &'a MetricsHandle,
+    watch: &'a Arc<ConnectionWatch>,
+    /// The request's body is chunked: no request may follow it on this connection.
+    chunked: bool,
     started: Instant,
     /// A browser loading a page: an error answers with HTML.
     browser: bool,
@@ -165,7 +187,8 @@ impl Future for Answering<'_> {
 
 impl Answering<'_> {
     /// The answer as it leaves: an error made a response, the request id, hardened
-    /// cookies, and the access line riding on the body.
+    /// cookies, what it means for the connection (a 101 hands the socket over; an answer to
+    /// a chunked request closes it), and the access line riding on the body.
     fn finish(&mut self, answer: Answer, ctx: RequestContext) -> Response<ProxyBody> {
         let gw = self.gw;
         let mut response = answer.unwrap_or_else(|error| {
@@ -183,10 +206,18 @@ impl Answering<'_> {
         let status = response.status().as_u16();
         let method = std::mem::replace(&mut self.method, Method::GET);
         if status == 101 {
+            self.watch.set_upgraded();
             // The relay writes its own line when it ends.
             let seconds = self.started.elapsed().as_secs_f64();
             gw.metrics.request(self.class, &method, status, seconds, 0);
         } else {
+            if self.chunked {
+                // The framing check does not follow chunked bodies (`client_io/framing.rs`):
+                // no request may follow one on this connection.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             response.body_mut().set_log(AccessLog {
                 metrics: self.metrics.clone(),
                 route: self.class,
@@ -548,7 +579,7 @@ mod future_size {
     use super::*;
 
     /// The size of what `f` returns, without calling it.
-    fn returned_size<A, B, C, R>(_f: impl Fn(A, B, C) -> R) -> usize {
+    fn returned_size<A, B, R>(_f: impl Fn(A, B) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 

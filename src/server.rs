@@ -7,9 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
-use http::{Request, StatusCode};
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -18,13 +15,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::owned::OwnedBackend;
-use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, FramingConflict, HeadClock};
+use crate::client_io::{ClientIo, ConnectionWatch, FramingCheck, HeadClock};
 use crate::config::Config;
 use crate::gateway::Connection;
 use crate::metrics::MetricsHandle;
-use crate::proxy::headers::{HeadFacts, peer_value};
+use crate::proxy::headers::peer_value;
 use crate::responses::TOO_MANY_CONNECTIONS;
-use crate::state::{Gateway, PROBE_RESERVE, ProbeReserve};
+use crate::state::{Gateway, PROBE_RESERVE};
 
 /// The two ways of serving a connection: keep-alive for ordinary ones; one request, then
 /// close, for one admitted from the probe reserve (so that a reserve slot is never held
@@ -239,10 +236,12 @@ async fn serve_connection(
         peer_value: peer_value(peer.ip()),
         owned: &owned,
         metrics: &log_metrics,
+        watch: &watch,
+        reserve,
     };
     let service = {
-        let (conn, watch) = (&conn, &watch);
-        service_fn(move |req| serve_request(conn, req, watch, reserve))
+        let conn = &conn;
+        service_fn(move |req| crate::gateway::handle(conn, req))
     };
     let connection = http
         .serve_connection(TokioIo::new(io), service)
@@ -281,38 +280,4 @@ async fn serve_connection(
     }
     drop(counted);
     drop(slot);
-}
-
-/// One request of a connection: what the connection knows goes in as request extensions
-/// (set only when there is something to say, so an ordinary request allocates nothing),
-/// and what the response means for the connection comes back into its [`ConnectionWatch`].
-async fn serve_request(
-    conn: &Connection<'_>,
-    mut req: Request<Incoming>,
-    watch: &Arc<ConnectionWatch>,
-    reserve: bool,
-) -> Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible> {
-    let facts = HeadFacts::of(req.method(), req.headers());
-    let chunked = facts.transfer_encoding;
-    if chunked && watch.refuses_chunked() {
-        req.extensions_mut().insert(FramingConflict);
-    }
-    if reserve {
-        req.extensions_mut().insert(ProbeReserve);
-    }
-    // A WebSocket relay tells the watch once it holds the socket (see `hand_over`).
-    if facts.upgrade_field {
-        req.extensions_mut().insert(Arc::clone(watch));
-    }
-    let mut response = crate::gateway::handle(conn, req, facts).await?;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        watch.set_upgraded();
-    } else if chunked {
-        // The framing check does not follow chunked bodies (see `client_io/framing.rs`):
-        // no request may follow one on this connection.
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    Ok(response)
 }
