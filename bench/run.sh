@@ -15,7 +15,8 @@
 #   PROXY_CPUS=1 LOAD_CPUS=0         CPUs (comma-separated numbers) for proxy / load + backend
 #   PORT_BASE=18000                  backend on PORT_BASE+80, proxies on PORT_BASE+100*repeat+i
 #   TARGETS="direct chatgate chatgate-warn nginx haproxy"
-#                                    also: chatgate-before (needs BEFORE_BIN)
+#                                    also: chatgate-before (needs BEFORE_BIN), hyper-floor
+#                                    (the least a proxy on hyper and tokio-tungstenite does)
 #   BEFORE_BIN=/path/to/chatgate     an older chatgate build, as target chatgate-before (A/B)
 #   NGINX_WORKERS=auto               nginx worker_processes
 #   OUT=bench/RESULTS.md KEEP_WORK=0 report path; 1 keeps the temp dir (wrk outputs, logs)
@@ -334,7 +335,7 @@ idle_load() {
 target_index() {
     case $1 in
         direct) echo 0 ;; chatgate) echo 1 ;; chatgate-warn) echo 2 ;; nginx) echo 3 ;; haproxy) echo 4 ;;
-        chatgate-before) echo 5 ;;
+        chatgate-before) echo 5 ;; hyper-floor) echo 6 ;;
         *) echo 9 ;;
     esac
 }
@@ -358,6 +359,10 @@ start_target() {
             fi
             RUST_LOG=info start_server "$target" "$port" "$PROXY_CPUS" \
                 "$BEFORE_BIN" --listen "127.0.0.1:$port" --backend "http://127.0.0.1:$BACKEND_PORT" --admin-listen 127.0.0.1:0
+            ;;
+        hyper-floor)
+            start_server "$target" "$port" "$PROXY_CPUS" \
+                "$BIN/hyper-floor" --listen "127.0.0.1:$port" --backend "127.0.0.1:$BACKEND_PORT"
             ;;
         nginx)
             local prefix=$WORK/nginx-$REPEAT

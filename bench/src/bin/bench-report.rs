@@ -31,6 +31,7 @@ const TARGETS: &[(&str, &str)] = &[
     ("chatgate", "chatgate"),
     ("chatgate-warn", "chatgate `RUST_LOG=warn`"),
     ("chatgate-before", "chatgate before (`BEFORE_BIN`)"),
+    ("hyper-floor", "hyper-floor (no product work)"),
     ("nginx", "nginx"),
     ("haproxy", "HAProxy"),
 ];

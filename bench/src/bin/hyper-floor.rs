@@ -39,7 +39,8 @@ struct Args {
     /// hyper-util's pooled client instead of a backend connection per client connection.
     #[arg(long)]
     pool: bool,
-    /// Runtime threads (1: current-thread runtime; 0: multi-thread with one per CPU).
+    /// Runtime threads (1: current-thread runtime; 0: as chatgate picks, current-thread on
+    /// one CPU, else multi-thread with one per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// One current-thread runtime per CPU, each with its own SO_REUSEPORT listener and
@@ -53,12 +54,13 @@ fn main() -> std::io::Result<()> {
     if args.per_core {
         return per_core(args);
     }
-    let runtime = if args.threads == 0 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = if args.threads == 0 && cpus > 1 {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
     } else {
-        chatgate_bench::runtime(args.threads)?
+        chatgate_bench::runtime(args.threads.max(1))?
     };
     runtime.block_on(serve(args))
 }
