@@ -160,7 +160,11 @@ async fn owned(stream: TcpStream, backend: SocketAddr) {
     tokio::select! {
         biased;
         _ = connection.as_mut() => {}
-        _ = conn.as_mut() => {}
+        // The backend closed (a client's `Connection: close` reaches it unchanged): the
+        // answer it sent is still to be written to the client.
+        _ = conn.as_mut() => {
+            let _ = connection.await;
+        }
     }
 }
 
