@@ -160,12 +160,12 @@ pub async fn forward(
                     }
                 }
                 // A refused connection never saw the request.
-                error.take_unsent()
+                error.take_unsent().map(|req| *req)
             } else if let Some(req) = error.take_backend_unsent().filter(|_| !resent) {
                 // The connection closed before the request was written (hyper hands it back):
                 // no byte reached the backend, so it goes out on a new connection, any method.
                 resent = true;
-                Some(req)
+                Some(*req)
             } else if !retried && !error.is_connect() {
                 retried = true;
                 tracing::debug!(error = %error, "retrying on a fresh connection");
@@ -357,7 +357,6 @@ async fn send(
     let response = match owned.send(&worker.idle, req, fresh, None) {
         Sent::Sent(response) => response,
         Sent::NeedsConnection(req) => {
-            let req = *req;
             // Boxed, like the other rare steps below: inline, their large futures would
             // grow every request's future, which hyper moves into place per request.
             let conn = match Box::pin(BackendConn::connect(&worker.backend, &gw.tls)).await {
@@ -369,12 +368,11 @@ async fn send(
                     });
                 }
             };
-            match owned.send(&worker.idle, req, fresh, Some(conn)) {
+            match owned.send(&worker.idle, *req, fresh, Some(conn)) {
                 Sent::Sent(response) => response,
                 // `send` always takes a connection it is given; this arm only keeps the
                 // types honest.
                 Sent::NeedsConnection(req) => {
-                    let req = *req;
                     let error = LegError::Failed(ProxyError::BackendConnect(Cause::msg(
                         "no backend connection",
                     )));
@@ -441,21 +439,24 @@ impl TimerGate {
 
 /// A failed send: no connection, the connection failed (with the request back when none
 /// of it was written), or no response headers in time.
+///
+/// The unsent request is boxed: a failed send is rare, and inline it made every send's
+/// result 368 bytes, moved several times per request (bench/NOTES.md, issue 12).
 pub enum SendError {
     Connect {
         error: LegError,
-        unsent: Option<Request<RequestBody>>,
+        unsent: Option<Box<Request<RequestBody>>>,
     },
     Backend {
         error: hyper::Error,
-        unsent: Option<Request<RequestBody>>,
+        unsent: Option<Box<Request<RequestBody>>>,
     },
     Timeout(Duration),
 }
 
 impl SendError {
     fn backend(mut error: TrySendError<Request<RequestBody>>) -> SendError {
-        let unsent = error.take_message();
+        let unsent = error.take_message().map(Box::new);
         SendError::Backend {
             error: error.into_error(),
             unsent,
@@ -481,7 +482,7 @@ impl SendError {
 
     /// The request, when a connection was there and handed it back unwritten (it had
     /// been closed): worth sending again. A failed connect is not (see `is_connect`).
-    fn take_backend_unsent(&mut self) -> Option<Request<RequestBody>> {
+    fn take_backend_unsent(&mut self) -> Option<Box<Request<RequestBody>>> {
         match self {
             SendError::Backend { unsent, .. } => unsent.take(),
             _ => None,
@@ -489,7 +490,7 @@ impl SendError {
     }
 
     /// The request, when no byte of it reached the backend.
-    fn take_unsent(&mut self) -> Option<Request<RequestBody>> {
+    fn take_unsent(&mut self) -> Option<Box<Request<RequestBody>>> {
         match self {
             SendError::Connect { unsent, .. } | SendError::Backend { unsent, .. } => unsent.take(),
             SendError::Timeout(_) => None,
