@@ -118,7 +118,9 @@ for round in $(seq 1 "$ROUNDS"); do
             sleep 0.1
         fi
         read -r u0 s0 < <(cpu "$pid")
-        read -r requests rps < <(load "$port" measured)
+        # A command substitution, so that a failed load stops the script here (set -e).
+        measured=$(load "$port" measured)
+        read -r requests rps <<<"$measured"
         [[ -n ${requests:-} && $requests != 0 ]] || { echo "$name round $round: no load measured" >&2; exit 1; }
         read -r u1 s1 < <(cpu "$pid")
         counts=""

@@ -265,7 +265,7 @@ ws_load() {
     local target=$1 url=$2 pid=$3
     if ! taskset -c "$LOAD_CPUS" "$BIN/ws-load" --url "$url" --probe 2>>"$WORK/$target-ws.err"; then
         local reason="relay not built"
-        [[ $target == chatgate* ]] || reason="no WebSocket relay"
+        [[ $target == chatgate* || $target == hyper-floor ]] || reason="no WebSocket relay"
         for metric in ws_mps ws_p50_us ws_p99_us ws_cpu_us; do record "$target" "$metric" "NA:$reason"; done
         log "  $target ws: no echo through the proxy ($reason)"
         return

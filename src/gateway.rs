@@ -1,5 +1,7 @@
-//! The request pipeline: one request's way from the door (context, admission) through the
-//! route table to its handler, and its answer's way back (request id, cookies, access line).
+//! The request pipeline: one request's way from the door (what the connection knows put on
+//! the request, context, admission) through the route table to its handler, and its answer's
+//! way back (request id, cookies, access line, and what it means for the connection: a 101
+//! hands the socket over, an answer to a chunked request closes it).
 //! The shared state it reads is in `state.rs`.
 
 use std::convert::Infallible;

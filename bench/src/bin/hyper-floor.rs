@@ -54,8 +54,9 @@ fn main() -> std::io::Result<()> {
     if args.per_core {
         return per_core(args);
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = if args.threads == 0 && cpus > 1 {
+    // As chatgate picks (src/main.rs): current-thread only when one CPU is known.
+    let one_cpu = matches!(std::thread::available_parallelism(), Ok(n) if n.get() == 1);
+    let runtime = if args.threads == 0 && !one_cpu {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
