@@ -64,15 +64,15 @@ start_haproxy() {
 # The measured load on port $1 for DUR seconds (and a 1 s warm-up when $2 is "warm"):
 # prints "COUNT RATE", requests or messages and their rate per second.
 load() {
+    local secs=$DUR out
+    [[ $2 == warm ]] && secs=1
     if [[ ${LOAD:-http} == ws ]]; then
-        local out
         out=$(taskset -c "$LOAD_CPUS" "$BIN/ws-load" --url "ws://127.0.0.1:$1/ws/echo" --connections 64 \
-            --duration "$([[ $2 == warm ]] && echo 1 || echo "$DUR")") || true
+            --duration "$secs") || true
         grep -q 'errors=0' <<<"$out" || { echo "ws-load reported errors on port $1: $out" >&2; exit 1; }
         [[ $2 == warm ]] || sed -n 's/.*messages=\([0-9]*\).*msgs_per_s=\([0-9.]*\).*/\1 \2/p' <<<"$out"
     else
-        local out
-        out=$(taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d"$([[ $2 == warm ]] && echo 1 || echo "$DUR")s" "http://127.0.0.1:$1/page")
+        out=$(taskset -c "$LOAD_CPUS" wrk -t1 -c64 -d"${secs}s" "http://127.0.0.1:$1/page")
         if grep -q -e 'Non-2xx' -e 'Socket errors' <<<"$out"; then
             echo "wrk saw errors on port $1: $out" >&2
             exit 1

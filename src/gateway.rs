@@ -1,5 +1,5 @@
-//! The request pipeline: one request's way from the door (what the connection knows put on
-//! the request, context, admission) through the route table to its handler, and its answer's
+//! The request pipeline: one request's way from the door (what the connection knows about
+//! it, context, admission) through the route table to its handler, and its answer's
 //! way back (request id, cookies, access line, and what it means for the connection: a 101
 //! hands the socket over, an answer to a chunked request closes it).
 //! The shared state it reads is in `state.rs`.
@@ -21,7 +21,7 @@ use crate::backend::affinity::{engineio_request, unknown_session};
 use crate::backend::owned::OwnedBackend;
 use crate::backend::pool::{Routing, Target};
 use crate::body::ProxyBody;
-use crate::client_io::{ConnectionWatch, FramingConflict};
+use crate::client_io::ConnectionWatch;
 use crate::config::AuthStubMode;
 use crate::error::ProxyError;
 use crate::limits::{limit_class, origin_allowed};
@@ -34,7 +34,7 @@ use crate::proxy::headers::{
 use crate::proxy::{RequestContext, forward, websocket};
 use crate::responses;
 use crate::routes::{Route, chat_redirect_location, classify, is_probe, socketio_backend_path};
-use crate::state::{Gateway, ProbeReserve};
+use crate::state::Gateway;
 use crate::telemetry::AccessLog;
 
 /// What a client connection's requests share, borrowed by each request's future from the
@@ -82,17 +82,13 @@ pub fn handle<'a>(conn: &Connection<'a>, mut req: Request<Incoming>) -> Answerin
         reserve,
         ..
     } = *conn;
-    // What the connection knows goes in as request extensions, set only when there is
-    // something to say, so an ordinary request allocates nothing.
     let facts = HeadFacts::of(req.method(), req.headers());
     let chunked = facts.transfer_encoding;
-    if chunked && watch.refuses_chunked() {
-        req.extensions_mut().insert(FramingConflict);
-    }
-    if reserve {
-        req.extensions_mut().insert(ProbeReserve);
-    }
-    // A WebSocket relay tells the watch once it holds the socket (`proxy::websocket`).
+    // The socket's framing check found a head with both lengths, or lost the stream.
+    let framing_conflict = chunked && watch.refuses_chunked();
+    // A WebSocket relay tells the watch once it holds the socket (`proxy::websocket`): the
+    // one thing the connection knows that leaves this module, so it rides on the request,
+    // and only on an upgrade (an ordinary request allocates no extensions).
     if facts.upgrade_field {
         req.extensions_mut().insert(Arc::clone(watch));
     }
@@ -107,8 +103,8 @@ pub fn handle<'a>(conn: &Connection<'a>, mut req: Request<Incoming>) -> Answerin
     let method = req.method().clone();
     let engineio = matches!(route, Route::SocketIo { .. })
         || is_engineio(ctx.path(), ctx.uri.query(), &gw.config.routes.socketio_path);
-    let checked =
-        admit(gw, &req, &ctx, probe, engineio).and_then(|()| check_request_target(&req, hosts));
+    let checked = admit(gw, &req, &ctx, probe, engineio, reserve)
+        .and_then(|()| check_request_target(&req, hosts, framing_conflict));
     let work = match checked {
         Err(refusal) => answered(Err(refusal), ctx),
         Ok(()) => match route {
@@ -256,7 +252,6 @@ fn context(
     let trusted = &gw.config.limits.trusted_proxies;
     let request_id = facts.request_id.unwrap_or_else(new_request_id);
     RequestContext {
-        peer,
         peer_value: peer_value.clone(),
         trusted_peer: is_trusted(peer, trusted),
         client: client_addr(peer, req.headers(), trusted),
@@ -274,8 +269,9 @@ fn admit(
     ctx: &RequestContext,
     probe: bool,
     engineio: bool,
+    reserve: bool,
 ) -> Result<(), ProxyError> {
-    if !probe && req.extensions().get::<ProbeReserve>().is_some() {
+    if !probe && reserve {
         // Admitted beyond --max-connections for the probes only.
         gw.metrics.refused_connection();
         return Err(ProxyError::Overloaded);
@@ -429,13 +425,17 @@ async fn auth_config(
 /// Refuses what a reverse proxy must not serve: a request whose length is ambiguous,
 /// `CONNECT` (a tunnel to anywhere) and absolute-form requests for another host than the
 /// one named in `Host` (`hosts`: how many `Host` fields the request has, up to 2, counted
-/// at the door).
-fn check_request_target<B>(req: &Request<B>, hosts: u8) -> Result<(), ProxyError> {
+/// at the door; `framing_conflict`: the socket's framing check refuses the request's head).
+fn check_request_target<B>(
+    req: &Request<B>,
+    hosts: u8,
+    framing_conflict: bool,
+) -> Result<(), ProxyError> {
     // RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding "MAY" be
     // rejected; it is how requests are smuggled past a proxy that reads the other length.
     // hyper drops the Content-Length before we see the request, so the socket's framing
     // check (`client_io`) reports it.
-    if req.extensions().get::<FramingConflict>().is_some() {
+    if framing_conflict {
         return Err(ProxyError::BadRequest(
             "both Content-Length and Transfer-Encoding",
         ));
@@ -528,7 +528,7 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches!(
-            check_request_target(&connect, 0),
+            check_request_target(&connect, 0, false),
             Err(ProxyError::MethodNotAllowed)
         ));
         let foreign = Request::builder()
@@ -537,7 +537,7 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches!(
-            check_request_target(&foreign, 1),
+            check_request_target(&foreign, 1, false),
             Err(ProxyError::BadRequest(_))
         ));
         let own = Request::builder()
@@ -545,22 +545,21 @@ mod tests {
             .header(header::HOST, "chat.example")
             .body(())
             .unwrap();
-        assert!(check_request_target(&own, 1).is_ok());
+        assert!(check_request_target(&own, 1, false).is_ok());
     }
 
     #[test]
     fn a_request_of_ambiguous_length_is_refused() {
-        let mut req = Request::builder()
+        let req = Request::builder()
             .method(Method::POST)
             .uri("/upload")
             .header(header::HOST, "chat.example")
             .header(header::TRANSFER_ENCODING, "chunked")
             .body(())
             .unwrap();
-        assert!(check_request_target(&req, 1).is_ok());
-        req.extensions_mut().insert(FramingConflict);
+        assert!(check_request_target(&req, 1, false).is_ok());
         assert!(matches!(
-            check_request_target(&req, 1),
+            check_request_target(&req, 1, true),
             Err(ProxyError::BadRequest(_))
         ));
     }

@@ -56,11 +56,6 @@ pub struct Gateway {
 /// first.
 pub const PROBE_RESERVE: usize = 16;
 
-/// Marks a request that came on a connection admitted from the probe reserve; set as a
-/// request extension on such connections only.
-#[derive(Debug, Clone, Copy)]
-pub struct ProbeReserve;
-
 /// Live counts of what chatgate carries, for the health document and the gauges.
 #[derive(Debug, Default)]
 pub struct ProxyLoad {

@@ -17,9 +17,9 @@
 //! Finding the *next* head on a keep-alive connection needs the previous message's length.
 //! A `Content-Length` body is counted off here; a chunked body is not followed at all:
 //! the connection closes after any request with `Transfer-Encoding` (the pipeline adds
-//! `Connection: close` to its response, `gateway::Answering`), so no head can follow one. That keeps this a head
-//! parser and a byte counter rather than a second HTTP/1 decoder that could drift from
-//! hyper's.
+//! `Connection: close` to its response, `gateway::Answering`), so no head can follow one.
+//! That keeps this a head parser and a byte counter rather than a second HTTP/1 decoder
+//! that could drift from hyper's.
 
 use std::mem::MaybeUninit;
 

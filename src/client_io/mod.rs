@@ -23,12 +23,6 @@ pub use framing::{FramingCheck, Outcome};
 use crate::metrics::MetricsHandle;
 use crate::timer::poll_armed;
 
-/// Marks a request on a connection whose framing check found a head with both
-/// `Content-Length` and `Transfer-Encoding` (or lost track of the stream): the pipeline
-/// refuses it with 400. Set as a request extension only on such connections.
-#[derive(Debug, Clone, Copy)]
-pub struct FramingConflict;
-
 /// What a connection's socket wrapper and its request handling tell each other. Relaxed
 /// atomics: the flags are written once, the head clock's counts on every read or write,
 /// and all of it is read and written by the connection's task (the relay's, once upgraded).

@@ -542,7 +542,6 @@ mod tests {
             let (mut parts, ()) = builder.body(()).unwrap().into_parts();
             let peer: IpAddr = case.peer.parse().unwrap();
             let ctx = RequestContext {
-                peer,
                 peer_value: peer_value(peer),
                 trusted_peer: case.trusted,
                 client: peer,
@@ -965,7 +964,6 @@ mod properties {
             let mut parts = http::Request::new(()).into_parts().0;
             parts.headers = headers;
             let ctx = RequestContext {
-                peer,
                 peer_value: peer_value(peer),
                 trusted_peer: trusted,
                 client: peer,

@@ -13,8 +13,6 @@ use http::HeaderValue;
 /// Per-request facts computed once at the door and read by every phase.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
-    /// The TCP peer.
-    pub peer: IpAddr,
     /// The TCP peer as its `X-Forwarded-For` entry, made once per connection
     /// ([`headers::peer_value`]).
     pub peer_value: HeaderValue,
