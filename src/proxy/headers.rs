@@ -353,6 +353,11 @@ pub fn is_sane_request_id(value: &HeaderValue) -> bool {
 
 /// A fresh request id: 16 hex digits from a fast non-cryptographic generator (ids correlate
 /// log lines; they are not secrets).
+///
+/// The digits are the buffer's owner: one allocation, and each clone (the backend's copy,
+/// the response's, the access line's) counts a reference. Copied into a `Bytes`, they were
+/// two allocations: the copy, then a shared header at the first clone (bench/NOTES.md,
+/// issue 12).
 pub fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; 16];
     let mut n = fastrand::u64(..);
@@ -360,7 +365,8 @@ pub fn new_request_id() -> HeaderValue {
         *slot = b"0123456789abcdef"[(n & 0xf) as usize];
         n >>= 4;
     }
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Adds `Secure`, `HttpOnly` and `SameSite=Lax` to a `Set-Cookie` value where missing (the
