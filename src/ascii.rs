@@ -29,19 +29,18 @@ pub fn ipv4(addr: Ipv4Addr, out: &mut [u8; 15]) -> usize {
 }
 
 /// Appends an integer.
-pub fn push_int(line: &mut String, n: impl itoa::Integer) {
-    line.push_str(itoa::Buffer::new().format(n));
+pub fn push_int(line: &mut Vec<u8>, n: impl itoa::Integer) {
+    line.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// Appends `n` as exactly `width` digits, zero-padded (`n` below `10^width`).
-pub fn push_padded(line: &mut String, mut n: u32, width: usize) {
+pub fn push_padded(line: &mut Vec<u8>, mut n: u32, width: usize) {
     let mut digits = [b'0'; 10];
     for slot in digits[..width].iter_mut().rev() {
         *slot = b'0' + (n % 10) as u8;
         n /= 10;
     }
-    // Only ASCII digits were written.
-    line.push_str(std::str::from_utf8(&digits[..width]).unwrap_or(""));
+    line.extend_from_slice(&digits[..width]);
 }
 
 /// RFC 3339 UTC timestamps with microseconds, as `humantime` writes them, with the part up
@@ -55,7 +54,7 @@ pub struct Rfc3339Clock {
 
 impl Rfc3339Clock {
     /// Appends the time `now` (`2026-12-01T14:50:07.123456Z`).
-    pub fn push(&mut self, line: &mut String, now: SystemTime) {
+    pub fn push(&mut self, line: &mut Vec<u8>, now: SystemTime) {
         let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let second = since.as_secs();
         if self.prefix.is_empty() || second != self.second {
@@ -65,10 +64,15 @@ impl Rfc3339Clock {
             self.prefix.pop();
             self.second = second;
         }
-        line.push_str(&self.prefix);
-        line.push('.');
-        push_padded(line, since.subsec_micros(), 6);
-        line.push('Z');
+        line.extend_from_slice(self.prefix.as_bytes());
+        // `.123456Z` in one copy.
+        let mut fraction = *b".000000Z";
+        let mut micros = since.subsec_micros();
+        for slot in fraction[1..7].iter_mut().rev() {
+            *slot = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        line.extend_from_slice(&fraction);
     }
 }
 
@@ -95,11 +99,11 @@ mod tests {
 
     #[test]
     fn padded_numbers_keep_their_width() {
-        let mut line = String::new();
+        let mut line = Vec::new();
         push_padded(&mut line, 7, 3);
         push_padded(&mut line, 123_456, 6);
         push_padded(&mut line, 0, 6);
-        assert_eq!(line, "007123456000000");
+        assert_eq!(line, b"007123456000000");
     }
 
     #[test]
@@ -108,9 +112,12 @@ mod tests {
         let base = UNIX_EPOCH + std::time::Duration::from_micros(1_796_000_000_999_998);
         for step in 0..5 {
             let t = base + std::time::Duration::from_micros(step);
-            let mut line = String::new();
+            let mut line = Vec::new();
             clock.push(&mut line, t);
-            assert_eq!(line, humantime::format_rfc3339_micros(t).to_string());
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                humantime::format_rfc3339_micros(t).to_string()
+            );
         }
     }
 }

@@ -3,8 +3,8 @@
 
 mod writer;
 
-use std::fmt::Write as _;
 use std::io::IsTerminal;
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
@@ -52,32 +52,41 @@ pub fn init(format: LogFormat) -> std::io::Result<FlushGuard> {
 static ACCESS_WRITER: OnceLock<LogWriter> = OnceLock::new();
 
 thread_local! {
-    /// The buffer each thread formats its access lines in, kept between requests.
-    static ACCESS_LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
+    /// The buffer each thread formats its access lines in, kept between requests. Bytes,
+    /// not a `String`: every piece written is whole UTF-8 (a `&str`, or ASCII), so nothing
+    /// needs checking on the way in.
+    static ACCESS_LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
     /// Each thread's timestamp text up to the second.
     static CLOCK: std::cell::RefCell<ascii::Rfc3339Clock> = std::cell::RefCell::default();
 }
 
-/// Appends `value` to `line` as a JSON string (quoted and escaped).
-fn push_json_str(line: &mut String, value: &str) {
-    line.push('"');
-    // Almost every value (paths, request ids, methods) needs no escaping at all.
-    if !value.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        line.push_str(value);
-        line.push('"');
+/// Appends `value` to `line` as a JSON string (quoted and escaped). Bytes of 0x80 and above
+/// are UTF-8 sequences of `value` and go through unchanged, as JSON allows.
+fn push_json_str(line: &mut Vec<u8>, value: &str) {
+    let bytes = value.as_bytes();
+    // Almost every value (paths, request ids) needs no escaping at all.
+    if !bytes.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+        line.reserve(bytes.len() + 2);
+        line.push(b'"');
+        line.extend_from_slice(bytes);
+        line.push(b'"');
         return;
     }
-    for c in value.chars() {
-        match c {
-            '"' => line.push_str("\\\""),
-            '\\' => line.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(line, "\\u{:04x}", c as u32);
+    line.push(b'"');
+    for &b in bytes {
+        match b {
+            b'"' => line.extend_from_slice(b"\\\""),
+            b'\\' => line.extend_from_slice(b"\\\\"),
+            b if b < 0x20 => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                line.extend_from_slice(b"\\u00");
+                line.push(HEX[usize::from(b >> 4)]);
+                line.push(HEX[usize::from(b & 0xf)]);
             }
-            c => line.push(c),
+            b => line.push(b),
         }
     }
-    line.push('"');
+    line.push(b'"');
 }
 
 /// What one request's access line says. The path is logged without its query string, which
@@ -106,10 +115,10 @@ impl AccessLog {
 impl AccessLog {
     /// The access line as tracing's JSON layer would write it, built in one buffer.
     fn write_json(&self, writer: &LogWriter, duration_ms: f64, request_id: &str, error: &str) {
-        let write = |line: &mut String| {
+        let write = |line: &mut Vec<u8>| {
             line.clear();
             self.json_line(line, duration_ms, request_id, error);
-            writer.append(line.as_bytes());
+            writer.append(line);
             // One odd line (a huge error text) should not keep its size for the thread's life.
             line.shrink_to(4096);
         };
@@ -123,12 +132,15 @@ impl AccessLog {
             })
             .unwrap_or(false);
         if !reused {
-            write(&mut String::new());
+            write(&mut Vec::new());
         }
     }
 
-    fn json_line(&self, line: &mut String, duration_ms: f64, request_id: &str, error: &str) {
-        line.push_str("{\"timestamp\":\"");
+    fn json_line(&self, line: &mut Vec<u8>, duration_ms: f64, request_id: &str, error: &str) {
+        // Room for the whole line at once (the fixed text and numbers take under 250
+        // bytes), so no write below grows the buffer.
+        line.reserve(256 + self.uri.path().len() + request_id.len() + 2 * error.len());
+        line.extend_from_slice(b"{\"timestamp\":\"");
         let now = std::time::SystemTime::now();
         let cached = CLOCK
             .try_with(|cell| {
@@ -140,46 +152,51 @@ impl AccessLog {
         if !cached {
             ascii::Rfc3339Clock::default().push(line, now);
         }
-        line.push_str(if self.probe {
-            "\",\"level\":\"DEBUG\""
+        line.extend_from_slice(if self.probe {
+            b"\",\"level\":\"DEBUG\",\"message\":\"request\",\"method\":\""
         } else {
-            "\",\"level\":\"INFO\""
+            b"\",\"level\":\"INFO\",\"message\":\"request\",\"method\":\""
         });
-        line.push_str(",\"message\":\"request\",\"method\":");
-        push_json_str(line, self.method.as_str());
-        line.push_str(",\"path\":");
+        // A method is a token (RFC 9110 §9.1, which `http` holds it to): no quote, backslash
+        // or control byte to escape.
+        line.extend_from_slice(self.method.as_str().as_bytes());
+        line.extend_from_slice(b"\",\"path\":");
         push_json_str(line, self.uri.path());
-        line.push_str(",\"status\":");
+        line.extend_from_slice(b",\"status\":");
         ascii::push_int(line, self.status);
         // Milliseconds with three decimals, from whole microseconds: integer formatting,
         // where an `f64` would go through the shortest-float algorithm for every line.
         let micros = (duration_ms * 1000.0).round() as u64;
-        line.push_str(",\"duration_ms\":");
+        line.extend_from_slice(b",\"duration_ms\":");
         ascii::push_int(line, micros / 1000);
-        line.push('.');
+        line.push(b'.');
         ascii::push_padded(line, (micros % 1000) as u32, 3);
-        line.push_str(",\"bytes\":");
+        line.extend_from_slice(b",\"bytes\":");
         ascii::push_int(line, self.bytes_out);
-        line.push_str(",\"request_id\":");
+        line.extend_from_slice(b",\"request_id\":");
         push_json_str(line, request_id);
-        line.push_str(",\"client\":\"");
+        line.extend_from_slice(b",\"client\":\"");
         match self.client {
             IpAddr::V4(v4) => {
                 let mut text = [0u8; 15];
                 let len = ascii::ipv4(v4, &mut text);
-                line.push_str(std::str::from_utf8(&text[..len]).unwrap_or("?"));
+                line.extend_from_slice(&text[..len]);
             }
             IpAddr::V6(v6) => {
                 let _ = write!(line, "{v6}");
             }
         }
-        line.push_str(if self.completed {
-            "\",\"completed\":true,\"error\":"
+        line.extend_from_slice(if self.completed {
+            b"\",\"completed\":true,\"error\":"
         } else {
-            "\",\"completed\":false,\"error\":"
+            b"\",\"completed\":false,\"error\":"
         });
-        push_json_str(line, error);
-        line.push_str("}\n");
+        if error.is_empty() {
+            line.extend_from_slice(b"\"\"}\n");
+        } else {
+            push_json_str(line, error);
+            line.extend_from_slice(b"}\n");
+        }
     }
 }
 
@@ -251,18 +268,52 @@ mod tests {
             completed: true,
             error: None,
         };
-        let mut line = String::new();
+        let mut line = Vec::new();
         log.json_line(&mut line, 1.2344, "abc", "");
+        let line = String::from_utf8(line).expect("UTF-8");
         let v: serde_json::Value = serde_json::from_str(line.trim_end()).expect("JSON");
         assert_eq!(v["duration_ms"].as_f64(), Some(1.234));
         assert_eq!(v["path"], "/a%22b");
         assert_eq!(v["status"], 200);
         assert_eq!(v["bytes"], 2048);
         assert_eq!(v["client"], "127.0.0.1");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["request_id"], "abc");
+        assert_eq!(v["completed"], true);
+        assert_eq!(v["error"], "");
+        assert!(line.ends_with("}\n") && line.matches('\n').count() == 1);
         assert!(!line.contains("secret"));
-        let mut slow = String::new();
+        // A probe's line, an extension method, a path with a raw quote (which `http`
+        // lets through) and an IPv6 client.
+        let probe = AccessLog {
+            metrics: log.metrics.clone(),
+            route: crate::metrics::RouteClass::Health,
+            method: Method::from_bytes(b"PURGE").unwrap(),
+            uri: Uri::from_static("/q\"uote"),
+            status: 204,
+            started: Instant::now(),
+            request_id: HeaderValue::from_static("id\\1"),
+            client: "2001:db8::1".parse().unwrap(),
+            bytes_out: 0,
+            probe: true,
+            completed: false,
+            error: None,
+        };
+        let mut line = Vec::new();
+        probe.json_line(&mut line, 0.0004, "id\\1", "");
+        let v: serde_json::Value = serde_json::from_slice(&line).expect("JSON");
+        assert_eq!(v["level"], "DEBUG");
+        assert_eq!(v["method"], "PURGE");
+        assert_eq!(v["path"], "/q\"uote");
+        assert_eq!(v["client"], "2001:db8::1");
+        assert_eq!(v["request_id"], "id\\1");
+        assert_eq!(v["completed"], false);
+        assert_eq!(v["duration_ms"].as_f64(), Some(0.0));
+        let mut slow = Vec::new();
         log.json_line(&mut slow, 12_345.000_6, "abc", "reset \"x\"");
-        let v: serde_json::Value = serde_json::from_str(slow.trim_end()).expect("JSON");
+        let v: serde_json::Value = serde_json::from_slice(&slow).expect("JSON");
         assert_eq!(v["duration_ms"].as_f64(), Some(12_345.001));
         assert_eq!(v["error"], "reset \"x\"");
     }
@@ -270,9 +321,9 @@ mod tests {
     #[test]
     fn json_strings_are_escaped_like_serde_json() {
         for value in ["/plain", "/a\"b\\c", "/tab\there", "\u{1}\u{1f}", "/ünï/€"] {
-            let mut line = String::new();
+            let mut line = Vec::new();
             push_json_str(&mut line, value);
-            let parsed: String = serde_json::from_str(&line).expect("valid JSON string");
+            let parsed: String = serde_json::from_slice(&line).expect("valid JSON string");
             assert_eq!(parsed, value);
         }
     }

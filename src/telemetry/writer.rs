@@ -103,12 +103,11 @@ pub fn spawn(mut out: impl Write + Send + 'static) -> io::Result<(LogWriter, Flu
                     (std::mem::take(&mut pending.dropped), pending.stage)
                 };
                 if dropped > 0 {
-                    let mut line = String::from("{\"timestamp\":\"");
-                    clock.push(&mut line, std::time::SystemTime::now());
-                    line.push_str("\",\"level\":\"WARN\",\"message\":\"log lines dropped: stdout was not keeping up\",\"dropped\":");
-                    crate::ascii::push_int(&mut line, dropped);
-                    line.push_str("}\n");
-                    batch.extend_from_slice(line.as_bytes());
+                    batch.extend_from_slice(b"{\"timestamp\":\"");
+                    clock.push(&mut batch, std::time::SystemTime::now());
+                    batch.extend_from_slice(b"\",\"level\":\"WARN\",\"message\":\"log lines dropped: stdout was not keeping up\",\"dropped\":");
+                    crate::ascii::push_int(&mut batch, dropped);
+                    batch.extend_from_slice(b"}\n");
                 }
                 if !batch.is_empty() {
                     // Nothing to tell anyone if stdout is gone; the lines are lost either way.
