@@ -137,9 +137,11 @@ impl AccessLog {
     }
 
     fn json_line(&self, line: &mut Vec<u8>, duration_ms: f64, request_id: &str, error: &str) {
-        // Room for the whole line at once (the fixed text and numbers take under 250
-        // bytes), so no write below grows the buffer.
-        line.reserve(256 + self.uri.path().len() + request_id.len() + 2 * error.len());
+        // Room for the whole line at once (the fixed text and the widest numbers and
+        // address take under 300 bytes; escaping can double a string), so no write below
+        // normally grows the buffer.
+        let strings = self.uri.path().len() + request_id.len() + error.len();
+        line.reserve(320 + self.method.as_str().len() + 2 * strings);
         line.extend_from_slice(b"{\"timestamp\":\"");
         let now = std::time::SystemTime::now();
         let cached = CLOCK
@@ -316,6 +318,51 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&slow).expect("JSON");
         assert_eq!(v["duration_ms"].as_f64(), Some(12_345.001));
         assert_eq!(v["error"], "reset \"x\"");
+    }
+
+    #[test]
+    fn a_line_with_unusual_text_is_still_one_json_object() {
+        let log = AccessLog {
+            metrics: crate::metrics::MetricsHandle::new(std::sync::Arc::new(
+                crate::metrics::Metrics::new(),
+            )),
+            route: crate::metrics::RouteClass::Backend,
+            method: Method::POST,
+            uri: Uri::try_from("/ünï/a\\b/€").unwrap(),
+            status: 502,
+            started: Instant::now(),
+            request_id: HeaderValue::from_static("r"),
+            client: IpAddr::from([10, 0, 0, 1]),
+            bytes_out: 0,
+            probe: false,
+            completed: false,
+            error: None,
+        };
+        let error = "reset\tby \u{1} peer: ünï \"x\" \\ €";
+        let mut line = Vec::new();
+        log.json_line(&mut line, 3.0, "id\"q", error);
+        let text = String::from_utf8(line).expect("UTF-8");
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).expect("JSON");
+        assert_eq!(v["path"], "/ünï/a\\b/€");
+        assert_eq!(v["request_id"], "id\"q");
+        assert_eq!(v["error"], error);
+        assert_eq!(v["method"], "POST");
+    }
+
+    #[test]
+    fn a_method_never_needs_escaping() {
+        // `json_line` writes the method unescaped: `http` must keep refusing methods that
+        // are not tokens (RFC 9110 §9.1).
+        for bad in [
+            &b"A\"B"[..],
+            b"A\\B",
+            b"A\tB",
+            b"A B",
+            "Ä".as_bytes(),
+            b"A\x01",
+        ] {
+            assert!(Method::from_bytes(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
