@@ -369,6 +369,16 @@ pub fn new_request_id() -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// `value` in a buffer of its own. A value hyper parsed is a slice of the connection's read
+/// buffer, and every clone keeps that whole buffer alive: for what outlives its request (a
+/// WebSocket relay's access line holding the client's `X-Request-Id`), not per request.
+pub fn detached(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(value.as_bytes()))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"));
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
 /// Adds `Secure`, `HttpOnly` and `SameSite=Lax` to a `Set-Cookie` value where missing (the
 /// edge applying seed 002's cookie advice for apps that forgot). `None` when nothing changes.
 pub fn harden_set_cookie(value: &HeaderValue) -> Option<HeaderValue> {
@@ -744,6 +754,26 @@ mod tests {
         let id = new_request_id();
         assert!(is_sane_request_id(&id));
         assert_eq!(id.len(), 16);
+    }
+
+    #[test]
+    fn a_detached_value_does_not_share_its_source_buffer() {
+        // As hyper parses a head: the value is a slice of a larger read buffer.
+        let buffer =
+            bytes::Bytes::from(b"GET / HTTP/1.1\r\nx-request-id: abc-123\r\n\r\n".to_vec());
+        let start = buffer.windows(7).position(|w| w == b"abc-123").unwrap();
+        let parsed = HeaderValue::from_maybe_shared(buffer.slice(start..start + 7)).unwrap();
+        assert_eq!(parsed.as_bytes().as_ptr(), buffer[start..].as_ptr());
+        let copy = detached(&parsed);
+        assert_eq!(copy, parsed);
+        let range = buffer.as_ptr_range();
+        assert!(
+            !range.contains(&copy.as_bytes().as_ptr()),
+            "the copy points into the read buffer"
+        );
+        let mut secret = HeaderValue::from_static("s");
+        secret.set_sensitive(true);
+        assert!(detached(&secret).is_sensitive());
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 #[derive(Parser)]
 struct Args {
@@ -29,6 +30,10 @@ struct Args {
     /// Seconds to hold the connections before exiting on its own.
     #[arg(long, default_value_t = 300)]
     hold: u64,
+    /// A header field every handshake carries, `name: value` (repeatable): what a platform
+    /// ingress adds, such as Envoy's `x-request-id`.
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +58,20 @@ async fn hold_idle(args: Args) -> std::process::ExitCode {
         eprintln!("ws-idle: not a ws:// URL: {}", args.url);
         return std::process::ExitCode::FAILURE;
     };
+    let mut extra = Vec::new();
+    for field in &args.headers {
+        let parsed = field.split_once(':').and_then(|(name, value)| {
+            let name = http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?;
+            let value = http::HeaderValue::from_str(value.trim()).ok()?;
+            Some((name, value))
+        });
+        let Some(parsed) = parsed else {
+            eprintln!("ws-idle: --header {field:?}: use `name: value`");
+            return std::process::ExitCode::FAILURE;
+        };
+        extra.push(parsed);
+    }
+    let extra = Arc::new(extra);
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.connections {
@@ -61,13 +80,20 @@ async fn hold_idle(args: Args) -> std::process::ExitCode {
         };
         let url = args.url.clone();
         let authority = authority.clone();
+        let extra = Arc::clone(&extra);
         tasks.spawn(async move {
             let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut request = url
+                    .into_client_request()
+                    .map_err(|err| format!("request: {err}"))?;
+                for (name, value) in extra.iter() {
+                    request.headers_mut().append(name.clone(), value.clone());
+                }
                 let stream = TcpStream::connect(&authority)
                     .await
                     .map_err(|err| format!("connect: {err}"))?;
                 tokio_tungstenite::client_async_with_config(
-                    url,
+                    request,
                     stream,
                     Some(chatgate_bench::small_ws_config()),
                 )
