@@ -355,7 +355,7 @@ pub fn is_sane_request_id(value: &HeaderValue) -> bool {
 /// log lines; they are not secrets).
 ///
 /// The digits are the buffer's owner: one allocation, and each clone (the backend's copy,
-/// the response's, the access line's) counts a reference. Copied into a `Bytes`, they were
+/// the response's) counts a reference. Copied into a `Bytes`, they were
 /// two allocations: the copy, then a shared header at the first clone (bench/NOTES.md,
 /// issue 12).
 pub fn new_request_id() -> HeaderValue {

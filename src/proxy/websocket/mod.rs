@@ -157,7 +157,7 @@ pub async fn relay(
     let mut line = RelayLine {
         path: ctx.uri.path().to_owned(),
         // A client's id is a slice of hyper's read buffer: a clone would hold that buffer
-        // for the relay's life (+3.9 KiB per idle relay, bench/NOTES.md).
+        // for the relay's life (~3.8 KiB per idle relay, bench/NOTES.md).
         request_id: detached(&ctx.request_id),
         client: ctx.client,
         started: Instant::now(),
