@@ -252,9 +252,9 @@ impl Drop for AccessLog {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_access_line_is_one_json_object() {
-        let log = AccessLog {
+    /// A finished request's line, for the tests to change a field or two of.
+    fn sample() -> AccessLog {
+        AccessLog {
             metrics: crate::metrics::MetricsHandle::new(std::sync::Arc::new(
                 crate::metrics::Metrics::new(),
             )),
@@ -269,11 +269,27 @@ mod tests {
             probe: false,
             completed: true,
             error: None,
-        };
+        }
+    }
+
+    /// `log`'s JSON line, as text and parsed.
+    fn line_of(
+        log: &AccessLog,
+        duration_ms: f64,
+        request_id: &str,
+        error: &str,
+    ) -> (String, serde_json::Value) {
         let mut line = Vec::new();
-        log.json_line(&mut line, 1.2344, "abc", "");
+        log.json_line(&mut line, duration_ms, request_id, error);
         let line = String::from_utf8(line).expect("UTF-8");
-        let v: serde_json::Value = serde_json::from_str(line.trim_end()).expect("JSON");
+        let v = serde_json::from_str(line.trim_end()).expect("JSON");
+        (line, v)
+    }
+
+    #[test]
+    fn an_access_line_is_one_json_object() {
+        let log = sample();
+        let (line, v) = line_of(&log, 1.2344, "abc", "");
         assert_eq!(v["duration_ms"].as_f64(), Some(1.234));
         assert_eq!(v["path"], "/a%22b");
         assert_eq!(v["status"], 200);
@@ -289,23 +305,17 @@ mod tests {
         assert!(!line.contains("secret"));
         // A probe's line, an extension method, a path with a raw quote (which `http`
         // lets through) and an IPv6 client.
-        let probe = AccessLog {
-            metrics: log.metrics.clone(),
-            route: crate::metrics::RouteClass::Health,
-            method: Method::from_bytes(b"PURGE").unwrap(),
-            uri: Uri::from_static("/q\"uote"),
-            status: 204,
-            started: Instant::now(),
-            request_id: HeaderValue::from_static("id\\1"),
-            client: "2001:db8::1".parse().unwrap(),
-            bytes_out: 0,
-            probe: true,
-            completed: false,
-            error: None,
-        };
-        let mut line = Vec::new();
-        probe.json_line(&mut line, 0.0004, "id\\1", "");
-        let v: serde_json::Value = serde_json::from_slice(&line).expect("JSON");
+        let mut probe = sample();
+        probe.route = crate::metrics::RouteClass::Health;
+        probe.method = Method::from_bytes(b"PURGE").unwrap();
+        probe.uri = Uri::from_static("/q\"uote");
+        probe.status = 204;
+        probe.request_id = HeaderValue::from_static("id\\1");
+        probe.client = "2001:db8::1".parse().unwrap();
+        probe.bytes_out = 0;
+        probe.probe = true;
+        probe.completed = false;
+        let (_, v) = line_of(&probe, 0.0004, "id\\1", "");
         assert_eq!(v["level"], "DEBUG");
         assert_eq!(v["method"], "PURGE");
         assert_eq!(v["path"], "/q\"uote");
@@ -313,36 +323,23 @@ mod tests {
         assert_eq!(v["request_id"], "id\\1");
         assert_eq!(v["completed"], false);
         assert_eq!(v["duration_ms"].as_f64(), Some(0.0));
-        let mut slow = Vec::new();
-        log.json_line(&mut slow, 12_345.000_6, "abc", "reset \"x\"");
-        let v: serde_json::Value = serde_json::from_slice(&slow).expect("JSON");
+        let (_, v) = line_of(&log, 12_345.000_6, "abc", "reset \"x\"");
         assert_eq!(v["duration_ms"].as_f64(), Some(12_345.001));
         assert_eq!(v["error"], "reset \"x\"");
     }
 
     #[test]
     fn a_line_with_unusual_text_is_still_one_json_object() {
-        let log = AccessLog {
-            metrics: crate::metrics::MetricsHandle::new(std::sync::Arc::new(
-                crate::metrics::Metrics::new(),
-            )),
-            route: crate::metrics::RouteClass::Backend,
-            method: Method::POST,
-            uri: Uri::try_from("/ünï/a\\b/€").unwrap(),
-            status: 502,
-            started: Instant::now(),
-            request_id: HeaderValue::from_static("r"),
-            client: IpAddr::from([10, 0, 0, 1]),
-            bytes_out: 0,
-            probe: false,
-            completed: false,
-            error: None,
-        };
+        let mut log = sample();
+        log.method = Method::POST;
+        log.uri = Uri::try_from("/ünï/a\\b/€").unwrap();
+        log.status = 502;
+        log.request_id = HeaderValue::from_static("r");
+        log.client = IpAddr::from([10, 0, 0, 1]);
+        log.bytes_out = 0;
+        log.completed = false;
         let error = "reset\tby \u{1} peer: ünï \"x\" \\ €";
-        let mut line = Vec::new();
-        log.json_line(&mut line, 3.0, "id\"q", error);
-        let text = String::from_utf8(line).expect("UTF-8");
-        let v: serde_json::Value = serde_json::from_str(text.trim_end()).expect("JSON");
+        let (_, v) = line_of(&log, 3.0, "id\"q", error);
         assert_eq!(v["path"], "/ünï/a\\b/€");
         assert_eq!(v["request_id"], "id\"q");
         assert_eq!(v["error"], error);
